@@ -1,0 +1,115 @@
+"""Atomic output folders and report files.
+
+Every stage writes into a hidden staging folder beside its destination and renames it into place only when
+complete, so an interrupted run (Ctrl-C, SIGTERM, a crash) leaves no half-written artifact behind. Staging
+folders orphaned by SIGKILL are removed by the next run.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+STAGING_PREFIX = ".partial-"
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) or raise a one-line UsageError (exit 2)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-", delete=True)
+        probe.close()
+    except (PermissionError, NotADirectoryError, FileExistsError, OSError) as exc:
+        raise UsageError(f"{path}: output folder is not writable ({exc.strerror or exc}); pass -o with a writable folder") from None
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphaned_staging(parent: Path) -> None:
+    if not parent.is_dir():
+        return
+    for p in parent.glob(f"{STAGING_PREFIX}*"):
+        try:
+            pid = int(p.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so cleanup code runs on `kill` as on Ctrl-C."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Yield a staging folder; on normal exit it replaces ``final`` atomically, on any exception it is removed."""
+    final = Path(final)
+    parent = ensure_writable_dir(final.parent)
+    remove_orphaned_staging(parent)
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f"{STAGING_PREFIX}{os.getpid()}-{final.name}-"))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = parent / f"{STAGING_PREFIX}{os.getpid()}-old-{final.name}"
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def to_jsonable(data: Any) -> Any:
+    return json.loads(json.dumps(data, default=_json_default))

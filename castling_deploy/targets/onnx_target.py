@@ -1,0 +1,85 @@
+"""ONNX target: float ONNX (the portable base of every other ONNX-fed runtime) and, with --int8, a QDQ model.
+
+The INT8 part is shared with the TensorRT target, which differs only in its recipe (full 8-bit weights, weights
+as Q->DQ pairs, no int32 bias) — see ``quantize.recipe.QuantRecipe.for_target``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..export_onnx import export_onnx
+from ..fold import predict
+from ..pipeline import ExportSession, TargetOutcome
+from ..runtime.ort import OrtRunner
+
+log = logging.getLogger(__name__)
+
+FALLBACK_EVAL_IMAGES = 256
+
+
+def export_float(sess: ExportSession, work: Path, outcome: TargetOutcome, name: str = "model.onnx") -> Path:
+    path = work / name
+    log.info("exporting ONNX (opset %d)", sess.opts.opset)
+    info = export_onnx(sess.folded, path, sess.img_size, in_chans=sess.folded.cfg.in_chans,
+                       opset=sess.opts.opset, metadata=sess.metadata)
+    outcome.info["export"] = info
+    stage = sess.verify("export", f"ONNX fp32 ({path.name})", OrtRunner(path), precision="fp32")
+    outcome.stages.append(stage)
+    outcome.artifacts.append({"file": name, "precision": "fp32", "runtime": "onnxruntime / any ONNX runtime"})
+    return path
+
+
+def quantize_int8(sess: ExportSession, fp32: Path, out: Path, target: str, outcome: TargetOutcome,
+                  candidate: str) -> None:
+    """Calibrate, quantize (with the sensitivity sweep / auto-fallback when asked), verify on ORT CPU."""
+    from ..quantize.calibration import CalibrationSet
+    from ..quantize.ort_int8 import quantize_onnx
+    from ..quantize.recipe import QuantRecipe
+    from ..quantize.sensitivity import auto_fallback, format_sensitivity_table, sensitivity_sweep
+
+    opts = sess.opts
+    images = sess.require_calib()
+    calib = CalibrationSet(images.images, images.digest, images.source)
+    recipe = QuantRecipe.for_target(target, calibration=opts.calib_method, calib_size=opts.calib_size,
+                                    seed=opts.seed)
+    quant: dict[str, Any] = {}
+    if opts.auto_fallback or opts.sensitivity:
+        # Decisions are made on calibration images, never on the val set that judges the result.
+        n = min(FALLBACK_EVAL_IMAGES, len(images))
+        eval_x = images.images[:n]
+        eval_y = images.labels[:n] if images.labels is not None else None
+        ref = predict(sess.folded, eval_x)
+        log.info("sensitivity sweep over %d blocks on %d calibration images", sess.folded.cfg.depth, n)
+        rows = sensitivity_sweep(fp32, calib, recipe, eval_x, ref, eval_y)
+        log.info("per-block INT8 sensitivity (one block int8 at a time)\n%s", format_sensitivity_table(rows))
+        quant["sensitivity"] = rows
+        if opts.auto_fallback:
+            recipe, trials = auto_fallback(fp32, calib, recipe, eval_x, ref, eval_y,
+                                           tolerance_points=opts.tolerance, rows=rows)
+            quant["fallback_trials"] = trials
+            quant["fallback_blocks"] = list(recipe.excluded_blocks)
+            log.info("auto-fallback keeps blocks %s in float", list(recipe.excluded_blocks) or "none")
+    log.info("quantizing to INT8 QDQ (%s calibration, %d images)", recipe.calibration, min(len(calib), opts.calib_size))
+    info = quantize_onnx(fp32, out, calib, recipe)
+    quant.update(info)
+    outcome.quantization = quant
+    stage = sess.verify("int8", candidate, OrtRunner(out), precision="int8")
+    outcome.stages.append(stage)
+
+
+def build(sess: ExportSession, work: Path) -> TargetOutcome:
+    outcome = TargetOutcome()
+    fp32 = export_float(sess, work, outcome)
+    if sess.opts.fp16:
+        outcome.info.setdefault("notes", []).append(
+            "--fp16 does not apply to the plain ONNX target (ONNX Runtime CPU has no fp16 kernels worth using); "
+            "the fp32 file is the float artifact")
+    if sess.opts.int8:
+        quantize_int8(sess, fp32, work / "model.int8.onnx", "onnx", outcome, "ONNX INT8 QDQ (model.int8.onnx)")
+        outcome.artifacts.append({"file": "model.int8.onnx", "precision": "int8",
+                                  "runtime": "onnxruntime (QDQ)"})
+    return outcome
