@@ -16,8 +16,6 @@ log = logging.getLogger(__name__)
 
 def check_options(targets: list[str], o: ExportOptions) -> None:
     """Reject combinations that cannot mean anything, with the fix in the message (exit 2)."""
-    if o.int8 and o.fp16 and "tensorrt" not in targets:
-        raise UsageError("--int8 and --fp16 together only make sense for --target tensorrt; pick one")
     if o.full_integer and (not o.int8 or "tflite" not in targets):
         raise UsageError("--full-integer needs --int8 and --target tflite")
     if o.io_dtype != "float32" and not o.full_integer:

@@ -258,6 +258,9 @@ def run_export(ckpt_path: Path | None, opts: ExportOptions) -> list[dict[str, An
     for t in opts.targets:
         if t not in TARGETS:
             raise UsageError(f"unknown --target {t!r}; choose from {', '.join(TARGETS)} or all")
+    from .output import ensure_writable_dir
+
+    ensure_writable_dir(Path(opts.out))  # fail before the slow work, not after
     sess = prepare_session(ckpt_path, opts)
     reports = []
     for target in opts.targets:

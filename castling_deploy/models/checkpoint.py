@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,20 +107,53 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], pa
     model.load_state_dict(state, strict=True)
 
 
+def pickle_globals(path: Path) -> list[str]:
+    """The ``module.name`` globals a pickle would import, read with pickletools (nothing is executed)."""
+    import pickletools
+
+    data = path.read_bytes()
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("data.pkl")]
+            if not names:
+                return []
+            data = z.read(names[0])
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # a truncated/corrupt stream: report what was seen before it broke
+        pass
+    return found
+
+
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset",
+                         "builtins.bytearray", "builtins.slice", "builtins.complex")
+
+
 def _torch_load_safely(path: Path) -> Any:
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols on stderr; we explain instead
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
-        culprit = ""
-        for marker in ("Unsupported global: GLOBAL ", "unsupported GLOBAL ", "GLOBAL "):
-            if marker in msg:
-                culprit = msg.split(marker, 1)[1].split()[0].rstrip(".,")
-                break
-        what = f" (it imports {culprit})" if culprit else ""
+        culprits = [g for g in pickle_globals(path) if not g.startswith(_SAFE_GLOBAL_PREFIXES)]
+        if not culprits and "GLOBAL" in msg:
+            culprits = [msg.split("GLOBAL ", 1)[1].split()[0].rstrip(".,")]
+        if not culprits:
+            first = next((ln for ln in msg.splitlines() if ln.startswith("Unsupported")), msg.splitlines()[0])
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                                  f"{first.strip()[:160]}") from None
         raise CheckpointError(
-            f"{path}: refused to unpickle: the file asks to run code outside plain tensors{what}; "
-            "only weights-only checkpoints are loaded — re-save it with torch.save(model.state_dict(), ...) "
+            f"{path}: refused to unpickle: the file asks to import {', '.join(culprits[:3])}, which could run "
+            "code; only weights-only checkpoints are loaded — re-save it with torch.save(model.state_dict(), ...) "
             "or convert it to .safetensors"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
@@ -221,7 +255,7 @@ def load_checkpoint(path: str | Path, arch: str | None = None, img_size: int | N
         ck = Checkpoint(
             arch=ck_arch, config=cfg, state_dict=obj["state_dict"], preprocess=obj.get("preprocess")
             or default_preprocess(cfg.img_size), labels=obj.get("labels"), path=str(p), sha256=digest,
-            source_format=kind, extra={k: obj[k] for k in ("train", "created") if k in obj},
+            source_format=kind, extra={k: obj[k] for k in ("train", "created", "fold") if k in obj},
         )
     else:
         state = _unwrap_foreign(obj, p)

@@ -1,0 +1,228 @@
+"""Float ONNX -> INT8 QDQ ONNX with ONNX Runtime's static quantizer, following a QuantRecipe.
+
+The QDQ model is the portable int8 artifact: ONNX Runtime runs it on CPU and TensorRT builds an explicit-precision
+engine from it (symmetric int8, zero points 0, standard-domain QuantizeLinear/DequantizeLinear, opset >= 13).
+An optional NVIDIA ModelOpt route (``backend="modelopt"``) exists for TensorRT-style QDQ placement; it is used
+only when ``modelopt`` imports and never by default (its extras pin other onnx/onnxruntime versions).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import CastlingError, MissingDependencyError, UsageError
+from .calibration import CalibrationCache, CalibrationReader, CalibrationSet, file_digest
+from .graph import classify_nodes, depth_of
+from .recipe import QuantRecipe
+
+log = logging.getLogger(__name__)
+
+RECIPE_METADATA_KEY = "castling_deploy.quant_recipe"
+
+
+def _preprocess(src: Path, dst: Path) -> str:
+    """Shape inference + ORT basic graph optimizations. Symbolic shape inference is skipped: it fails on
+    ReduceL2 at opset 18 (DESIGN.md). Returns what was done, for the report."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+        return "quant_pre_process(skip_symbolic_shape=True)"
+    except Exception as exc:  # the pre-processor is a convenience; quantizing without it is still correct
+        log.warning("quant_pre_process failed (%s); quantizing the graph as exported", str(exc).splitlines()[0][:200])
+        dst.write_bytes(src.read_bytes())
+        return "none (quant_pre_process failed)"
+
+
+def quantize_onnx(
+    fp32_onnx: str | Path,
+    out_path: str | Path,
+    calib: CalibrationSet,
+    recipe: QuantRecipe | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    batch: int = 8,
+    preprocess: bool = True,
+    backend: str = "ort",
+) -> dict[str, Any]:
+    """Write an INT8 QDQ copy of ``fp32_onnx`` to ``out_path`` (atomically) and return a report dict:
+    recipe, which nodes went int8 / stayed float, calibration provenance (digest, size, cache hit), census."""
+    import onnx
+    import onnxruntime
+
+    recipe = recipe or QuantRecipe()
+    fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
+    if not fp32_onnx.is_file():
+        raise UsageError(f"{fp32_onnx}: no such ONNX model")
+    if backend == "modelopt":
+        return _quantize_modelopt(fp32_onnx, out_path, calib, recipe, batch=batch)
+    if backend != "ort":
+        raise UsageError(f"unknown quantizer backend {backend!r}; use 'ort' (default) or 'modelopt'")
+
+    t0 = time.perf_counter()
+    sub = calib.subsample(recipe.calib_size, recipe.seed)
+    sub.check_batch(batch)
+    model_digest = file_digest(fp32_onnx)
+    cache = CalibrationCache(cache_dir)
+    cache.dir.mkdir(parents=True, exist_ok=True)
+    # Tensor names (the range keys) differ with and without pre-processing, so that is part of the key.
+    calib_key = recipe.calibration_key() + (":pre" if preprocess else ":raw")
+    ranges_path, hit = cache.entry(model_digest, sub.digest, recipe.calibration, calib_key)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quantize-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        if preprocess:
+            pre_done = _preprocess(fp32_onnx, pre)
+        else:
+            pre.write_bytes(fp32_onnx.read_bytes())
+            pre_done = "none"
+        pre_model = onnx.load(str(pre))
+        roles = classify_nodes(pre_model)
+        input_name = pre_model.graph.input[0].name
+        kwargs = recipe.ort_kwargs(roles)
+        reader = CalibrationReader(sub, input_name=input_name, batch=batch)
+        if not hit:
+            _calibrate(pre, reader, recipe, ranges_path, Path(tmp))
+        staged = Path(tmp) / "int8.onnx"
+        from onnxruntime.quantization import quantize_static
+
+        with _quiet_ort_quantizer():
+            # The range file exists now, so ORT skips its own calibration and reads our ranges.
+            quantize_static(str(pre), str(staged), calibration_data_reader=None, calibration_cache_path=ranges_path,
+                            **kwargs)
+        cache.commit(model_digest, sub.digest, recipe.calibration, calib_key)
+        q = onnx.load(str(staged))
+        src_meta = {p.key: p.value for p in onnx.load(str(fp32_onnx), load_external_data=False).metadata_props}
+        src_meta[RECIPE_METADATA_KEY] = json.dumps(recipe.to_dict(), sort_keys=True)
+        del q.metadata_props[:]
+        for k, v in src_meta.items():
+            e = q.metadata_props.add()
+            e.key, e.value = k, v
+        q.producer_name = "castling-deploy"
+        onnx.save(q, str(staged))
+        onnx.checker.check_model(str(staged))
+        os.replace(staged, out_path)
+
+    from .census import onnx_census
+
+    quant, keep = recipe.split_nodes(roles)
+    int8_units = sorted({r.unit for r in roles if recipe.is_int8(r)})
+    return {
+        "quantizer": f"onnxruntime {onnxruntime.__version__} quantize_static (QDQ)",
+        "recipe": recipe.to_dict(),
+        "preprocess": pre_done,
+        "depth": depth_of(roles),
+        "int8_nodes": len(quant),
+        "float_compute_nodes": len(keep),
+        "int8_units": int8_units,
+        "calibration": {
+            "source": sub.source,
+            "images": len(sub),
+            "data_digest": sub.digest,
+            "model_digest": model_digest,
+            "method": recipe.calibration,
+            "cache_file": str(ranges_path),
+            "cache_hit": hit,
+            "batches_run": reader.calls,
+        },
+        "census": onnx_census(out_path),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "path": str(out_path),
+    }
+
+
+def _calibrate(model: Path, reader: Any, recipe: QuantRecipe, ranges_path: Path, tmp: Path) -> None:
+    """Collect activation ranges on the float model and save them in ORT's cache format.
+
+    Done here rather than inside ``quantize_static`` because that one cannot pass ``num_bins``: its entropy
+    calibrator then has 128 bins for 128 quantized bins and always returns the min/max range.
+    """
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+
+    from .recipe import ORT_OP_TYPES
+
+    method, options = {
+        "minmax": (CalibrationMethod.MinMax, {"symmetric": True}),
+        "entropy": (CalibrationMethod.Entropy, {"symmetric": True, "num_bins": 2048, "num_quantized_bins": 128}),
+        "percentile": (CalibrationMethod.Percentile,
+                       {"symmetric": True, "num_bins": 2048, "percentile": recipe.percentile}),
+    }[recipe.calibration]
+    calibrator = create_calibrator(
+        model,
+        list(ORT_OP_TYPES),
+        augmented_model_path=str(tmp / "augmented.onnx"),
+        calibrate_method=method,
+        extra_options=options,
+    )
+    calibrator.collect_data(reader)
+    save_tensors_data(calibrator.compute_data(), ranges_path)
+    del calibrator
+
+
+@contextlib.contextmanager
+def _quiet_ort_quantizer():
+    """ORT's quantizer logs 'please pre-process' at WARNING on the root logger; keep --json output clean."""
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(max(old, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(old)
+
+
+def _quantize_modelopt(
+    fp32_onnx: Path, out_path: Path, calib: CalibrationSet, recipe: QuantRecipe, *, batch: int
+) -> dict[str, Any]:
+    """NVIDIA ModelOpt ONNX PTQ (TensorRT-style QDQ placement). Optional; not installed by any extra.
+
+    Only the calibration method and the excluded nodes of the recipe map onto it; ModelOpt chooses its own
+    op placement (it also quantizes e.g. Add inputs where TensorRT fuses them).
+    """
+    try:
+        from modelopt.onnx.quantization import quantize as mo_quantize
+    except ImportError as exc:
+        raise MissingDependencyError("nvidia-modelopt", "modelopt", "ModelOpt quantization") from exc
+    import numpy as np
+    import onnx
+
+    t0 = time.perf_counter()
+    sub = calib.subsample(recipe.calib_size, recipe.seed)
+    sub.check_batch(batch)
+    roles = classify_nodes(onnx.load(str(fp32_onnx)))
+    _, keep = recipe.split_nodes(roles)
+    method = {"minmax": "max", "entropy": "entropy", "percentile": "max"}[recipe.calibration]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quantize-") as tmp:
+        staged = Path(tmp) / "int8.onnx"
+        try:
+            mo_quantize(
+                onnx_path=str(fp32_onnx),
+                quantize_mode="int8",
+                calibration_data=np.ascontiguousarray(sub.images),
+                calibration_method=method,
+                calibration_eps=["cpu"],
+                nodes_to_exclude=keep or None,
+                high_precision_dtype="fp32",
+                output_path=str(staged),
+            )
+        except Exception as exc:
+            raise CastlingError(f"ModelOpt quantization failed: {str(exc).splitlines()[0][:300]}") from exc
+        os.replace(staged, out_path)
+    from .census import onnx_census
+
+    return {
+        "quantizer": "nvidia-modelopt onnx int8",
+        "recipe": recipe.to_dict(),
+        "calibration": {"source": sub.source, "images": len(sub), "data_digest": sub.digest, "method": method},
+        "census": onnx_census(out_path),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "path": str(out_path),
+    }
