@@ -64,8 +64,9 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="castling-deploy")
-@click.option("-v", "--verbose", is_flag=True, help="More log output on stderr.")
-def cli(verbose: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="More log output on stderr, including the converters' own.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
     """Fold, export, quantize and verify Castling-ViT checkpoints for TensorRT, Core ML and LiteRT.
 
     \b
@@ -79,6 +80,7 @@ def cli(verbose: bool) -> None:
     4 an optional runtime is missing, 1 anything else.
     """
     _setup_logging(verbose)
+    ctx.obj = {"verbose": verbose}
 
 
 @cli.command("list-models")
@@ -180,7 +182,8 @@ def export(ckpt: Path | None, targets: tuple[str, ...], **kw: Any) -> None:
     """
     from .export_cmd import run_export_cmd
 
-    run_export_cmd(ckpt, targets, emit_json=_emit_json, **kw)
+    verbose = bool((click.get_current_context().find_root().obj or {}).get("verbose"))
+    run_export_cmd(ckpt, targets, emit_json=_emit_json, verbose=verbose, **kw)
 
 
 @cli.command()

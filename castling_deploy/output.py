@@ -84,6 +84,7 @@ def staged_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _normalize_modes(staging)
     old = None
     if final.exists():
         old = parent / f"{STAGING_PREFIX}{os.getpid()}-old-{final.name}"
@@ -91,6 +92,20 @@ def staged_dir(final: Path) -> Iterator[Path]:
     os.replace(staging, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _normalize_modes(root: Path) -> None:
+    """Staging uses private temp files (0600/0700); the result gets ordinary modes under the user's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            p.chmod(0o777 & ~umask)
+        else:
+            executable = p.stat().st_mode & 0o100
+            p.chmod((0o777 if executable else 0o666) & ~umask)
 
 
 def write_json(path: Path, data: Any) -> None:

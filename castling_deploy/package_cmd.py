@@ -6,12 +6,14 @@ from typing import Any, Callable
 
 import click
 
+from .errors import ToleranceError
+
 
 def run_verify_package(file: Path, val: Path | None, limit: int | None, as_json: bool,
                        emit_json: Callable[[Any], None]) -> None:
     from .data import load_image_set
     from .errors import DataError
-    from .package import inspect_package, verify_package
+    from .package import format_verify_result, inspect_package, verify_package
 
     images = labels = None
     if val is not None:
@@ -20,11 +22,17 @@ def run_verify_package(file: Path, val: Path | None, limit: int | None, as_json:
         if data.labels is None:
             raise DataError(f"{val}: accuracy needs labeled images (class_name/xxx.png subfolders)")
         images, labels = data.images, data.labels
-    result = verify_package(file, val_images=images, val_labels=labels)
+    try:
+        result = verify_package(file, val_images=images, val_labels=labels)
+    except ToleranceError as exc:
+        result = getattr(exc, "result", None)
+        if result is not None:
+            if as_json:
+                emit_json(result)
+            else:
+                click.echo(format_verify_result(result), err=True)
+        raise
     if as_json:
         emit_json(result)
     else:
-        click.echo(f"{file}: {result.get('status', 'ok')}")
-        for k, v in result.items():
-            if k != "status":
-                click.echo(f"  {k}: {v}")
+        click.echo(format_verify_result(result))

@@ -22,6 +22,7 @@ from .errors import DataError, ToleranceError, UsageError
 from .fold import FoldReport, fold_model, predict
 from .models.checkpoint import Checkpoint, load_checkpoint
 from .models.vit import CastlingViT
+from .quiet import quiet_native_output
 from .output import sigterm_as_interrupt, staged_dir, to_jsonable, write_json
 from .runtime.base import Runner, run_batched
 from .verify import DEFAULT_TOLERANCE_POINTS, FLOAT_ATOL, StageResult, check_stage, format_budget
@@ -65,6 +66,7 @@ class ExportOptions:
     weights_only: bool = False
     val_limit: int | None = None
     seed: int = 0
+    verbose: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(asdict(self))
@@ -204,7 +206,8 @@ def build_target(sess: ExportSession, target: str) -> tuple[Path, dict[str, Any]
     final = Path(sess.opts.out) / sess.model_name / target
     t0 = time.perf_counter()
     with sigterm_as_interrupt(), staged_dir(final) as work:
-        outcome = builder(sess, work)
+        with quiet_native_output(not sess.opts.verbose):
+            outcome = builder(sess, work)
         budget = _budget(sess, outcome)
         failures = [f"{s.stage}: {f}" for s in budget for f in s.failures
                     if not (s.stage == "fold" and sess.fold_report.forced)]
@@ -267,8 +270,24 @@ def run_export(ckpt_path: Path | None, opts: ExportOptions) -> list[dict[str, An
         log.info("building %s", target)
         folder, report = build_target(sess, target)
         log.info("%s\n%s", folder, format_budget(report["error_budget"]))
+        if report["quantization"]:
+            log.info("int8 census: %s", census_summary(report["quantization"].get("census") or {}))
         reports.append(report)
     return reports
+
+
+def census_summary(c: dict[str, Any]) -> str:
+    """One line on how much of an INT8 artifact really runs in int8, read from the artifact itself."""
+    if "int8_mac_fraction" in c:  # ONNX QDQ
+        return (f"{c['int8_compute_nodes']}/{c['compute_nodes']} Conv/MatMul/Gemm in int8 "
+                f"({c['int8_mac_fraction'] * 100:.1f}% of MACs); zero points all 0: {c['zero_points_all_zero']}")
+    if "int8_weight_fraction" in c:  # Core ML
+        return (f"{c['int8_weight_fraction'] * 100:.1f}% of weights int8; {c['quantize_ops']} activation quantize "
+                f"ops; activations quantized: {c['activation_quantized']}")
+    if "activation_dtypes" in c:  # LiteRT
+        return (f"tensors {c['tensor_dtypes']}; float activations besides I/O: "
+                f"{c['float_activation_tensors_excluding_io']}; I/O {c['io_dtypes']}")
+    return "n/a"
 
 
 def failure_error(reports: list[dict[str, Any]]) -> ToleranceError | None:

@@ -144,12 +144,15 @@ def _calibrate(model: Path, reader: Any, recipe: QuantRecipe, ranges_path: Path,
     Done here rather than inside ``quantize_static`` because that one cannot pass ``num_bins``: its entropy
     calibrator then has 128 bins for 128 quantized bins and always returns the min/max range.
     """
+    import numpy as np
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
 
     from .recipe import ORT_OP_TYPES
 
     method, options = {
         "minmax": (CalibrationMethod.MinMax, {"symmetric": True}),
+        # MSE: the |x| histogram of the percentile calibrator, then the clip that minimizes the expected error.
+        "mse": (CalibrationMethod.Percentile, {"symmetric": True, "num_bins": 2048, "percentile": 100.0}),
         "entropy": (CalibrationMethod.Entropy, {"symmetric": True, "num_bins": 2048, "num_quantized_bins": 128}),
         "percentile": (CalibrationMethod.Percentile,
                        {"symmetric": True, "num_bins": 2048, "percentile": recipe.percentile}),
@@ -162,8 +165,36 @@ def _calibrate(model: Path, reader: Any, recipe: QuantRecipe, ranges_path: Path,
         extra_options=options,
     )
     calibrator.collect_data(reader)
-    save_tensors_data(calibrator.compute_data(), ranges_path)
+    data = calibrator.compute_data()
+    if recipe.calibration == "mse":
+        from onnxruntime.quantization.calibrate import TensorsData
+
+        hists = calibrator.collector.histogram_dict
+        data = TensorsData(CalibrationMethod.Percentile, {
+            name: (-t, t, hists[name][0], hists[name][1])
+            for name in data.data
+            for t in [np.array(mse_threshold(hists[name][0], hists[name][1]), dtype=hists[name][1].dtype)]
+        })
+    save_tensors_data(data, ranges_path)
     del calibrator
+
+
+def mse_threshold(hist: "np.ndarray", edges: "np.ndarray", levels: int = 127) -> float:
+    """The symmetric clip T minimizing the expected squared error of int8 ``round(x / (T/levels))`` on a histogram
+    of |x|: rounding noise (T/levels)^2/12 for |x| < T plus the clipping error (|x|-T)^2 above it.
+
+    For the near-Gaussian activations of a ViT this clips at ~4 sigma instead of the ~5.5 sigma sample maximum.
+    """
+    import numpy as np
+
+    n = hist.astype(np.float64)
+    c = 0.5 * (edges[:-1] + edges[1:]).astype(np.float64)
+    t = edges[1:].astype(np.float64)  # candidate thresholds: the upper edge of every bin
+    # Tail sums over bins strictly above each candidate: sum n, n*c, n*c^2.
+    s0, s1, s2 = (np.concatenate([np.cumsum((n * c**k)[::-1])[::-1][1:], [0.0]]) for k in (0, 1, 2))
+    below = np.cumsum(n)
+    err = below * (t / levels) ** 2 / 12.0 + (s2 - 2 * t * s1 + t**2 * s0)
+    return float(t[int(np.argmin(err))])
 
 
 @contextlib.contextmanager
@@ -198,7 +229,7 @@ def _quantize_modelopt(
     sub.check_batch(batch)
     roles = classify_nodes(onnx.load(str(fp32_onnx)))
     _, keep = recipe.split_nodes(roles)
-    method = {"minmax": "max", "entropy": "entropy", "percentile": "max"}[recipe.calibration]
+    method = {"minmax": "max", "entropy": "entropy", "percentile": "max", "mse": "max"}[recipe.calibration]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quantize-") as tmp:
         staged = Path(tmp) / "int8.onnx"

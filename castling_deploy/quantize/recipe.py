@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import UsageError
 from .graph import ALL_KINDS, NodeRole
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
 DEFAULT_INT8_KINDS: tuple[str, ...] = ("patch_embed", "qkv", "attn_kv", "attn_q", "proj", "fc1", "fc2", "head")
 FLOAT_OPS = (
     "L2 norms (ReduceL2/Div, LpNormalization)",
@@ -145,6 +145,7 @@ class QuantRecipe:
             "minmax": CalibrationMethod.MinMax,
             "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile,
+            "mse": CalibrationMethod.Percentile,  # ranges come from our cache file either way
         }[self.calibration]
         extra: dict[str, Any] = {
             "ActivationSymmetric": True,
