@@ -85,20 +85,37 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 @cli.command("list-models")
 @click.argument("pattern", default="*")
+@click.option("--macs", "with_macs", is_flag=True,
+              help="Also count params and MACs (deploy form and softmax baseline) with torch.utils.flop_counter.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @handle_errors
-def list_models_cmd(pattern: str, as_json: bool) -> None:
+def list_models_cmd(pattern: str, with_macs: bool, as_json: bool) -> None:
     """List model variants, optionally filtered by a wildcard PATTERN (e.g. 'castling_deit*')."""
     from .models.registry import describe, get_config, list_models
 
     names = list_models(pattern)
-    if as_json:
-        _emit_json([{"name": n, "description": describe(n), "config": get_config(n).to_dict()} for n in names])
-        return
     if not names:
         raise UsageError(f"no model matches {pattern!r}; try `castling-deploy list-models`")
-    for n in names:
-        click.echo(f"{n:<22} {describe(n)}")
+    rows = [{"name": n, "description": describe(n), "config": get_config(n).to_dict()} for n in names]
+    if with_macs:
+        from .models.macs import count_macs, count_params
+        from .models.registry import create_model
+
+        for row in rows:
+            deploy = create_model(row["name"], form="deploy")
+            soft = create_model(row["name"], attention="softmax")
+            size = row["config"]["img_size"]
+            row.update(params=count_params(deploy), macs_deploy=count_macs(deploy, size),
+                       macs_softmax_baseline=count_macs(soft, size))
+    if as_json:
+        _emit_json(rows)
+        return
+    for row in rows:
+        extra = ""
+        if with_macs:
+            extra = (f"  {row['params'] / 1e6:6.2f}M params  {row['macs_deploy'] / 1e9:6.3f} GMACs "
+                     f"(softmax {row['macs_softmax_baseline'] / 1e9:.3f})")
+        click.echo(f"{row['name']:<22}{extra}  {row['description']}")
 
 
 @cli.command()

@@ -165,6 +165,8 @@ def test_list_models_wildcards_and_info_json(runner, dead_branch_ckpt: Path) -> 
     names = [line.split()[0] for line in r.stdout.splitlines()]
     assert names == ["castling_deit_base", "castling_deit_small", "castling_deit_tiny"]
     assert invoke(runner, "list-models", "nothing*").exit_code == 2
+    rows = json.loads(invoke(runner, "list-models", "castling_nano", "--macs", "--json").stdout)
+    assert rows[0]["params"] == 148_314 and 2.5e6 < rows[0]["macs_deploy"] < 2.7e6
     r = invoke(runner, "info", dead_branch_ckpt, "--json")
     assert r.exit_code == 0
     d = json.loads(r.stdout)

@@ -75,3 +75,20 @@ def test_unsafe_archive_refused_with_exit_2(runner, tmp_path: Path, member: str)
     r = invoke(runner, "verify", bad)
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path.parent / "evil.txt").exists() and not Path("/abs/evil.txt").exists()
+
+
+def test_sweep_shows_linear_vs_quadratic_growth(runner, tmp_path: Path) -> None:
+    from .conftest import DEMO_CKPT
+
+    chart = tmp_path / "sweep.png"
+    r = invoke(runner, "profile", DEMO_CKPT, "--sweep", "32,96", "--baseline", "softmax", "--runs", 10, "--warmup", 2,
+               "--chart", chart, "--json")
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    rows = {(name, row["img_size"]): row for name, series in d["series"].items() for row in series}
+    assert rows[("castling", 96)]["tokens"] == 145 == rows[("softmax", 96)]["tokens"]
+    castling_growth = rows[("castling", 96)]["macs"] / rows[("castling", 32)]["macs"]
+    softmax_growth = rows[("softmax", 96)]["macs"] / rows[("softmax", 32)]["macs"]
+    assert castling_growth < softmax_growth
+    assert d["summary"]["castling"]["macs_ratio"] < d["summary"]["softmax"]["macs_ratio"]
+    assert chart.read_bytes()[:4] == b"\x89PNG"

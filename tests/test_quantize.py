@@ -227,10 +227,44 @@ def test_deit_tiny_224_int8_cosine(tmp_path: Path) -> None:
     calib = CalibrationSet(rng.standard_normal((64, 3, 224, 224)).astype(np.float32), "deit-a", "random")
     out = tmp_path / "int8.onnx"
     rep = quantize_onnx(fp32, out, calib, QuantRecipe(), cache_dir=tmp_path / "cache")
+    from castling_deploy.quantize.sensitivity import logit_metrics
     from castling_deploy.runtime.base import run_batched
 
-    q = run_batched(OrtRunner(out), images, 16)
-    # Random-init DeiT-T on N(0,1) images: even the exact QDQ semantics (ORT with optimizations off) reach only
-    # cosine ~0.997-0.998 here (minmax/percentile/entropy measured), so 0.999 is out of reach for random weights.
-    assert _cos_min(ref, q) >= 0.995
+    m = logit_metrics(ref, run_batched(OrtRunner(out), images, 16))
+    # Measured (benchmarks/results/int8.md): SQNR 25.3 dB, cosine min 0.9971 / overall 0.9985 with the default
+    # recipe (percentile 99.99, 7-bit weights); minmax gave 23.9 dB / 0.9969. 0.999 is not reached: with random
+    # weights the class token is built only from ~84 int8 paths of equal weight, and even the exact QDQ math with
+    # 8-bit weights tops out at 27.7 dB / min cosine 0.998 (the floor of per-tensor int8 activations, see int8.md).
+    assert m["sqnr_db"] >= 25.0, m
+    assert m["cosine_min"] >= 0.9965, m
     assert rep["census"]["int8_mac_fraction"] > 0.95 and rep["census"]["zero_points_all_zero"]
+
+
+def test_mse_threshold_matches_brute_force() -> None:
+    from castling_deploy.quantize.ort_int8 import mse_threshold
+
+    x = np.abs(np.random.default_rng(0).standard_normal(1_000_000)).astype(np.float32)
+    hist, edges = np.histogram(x, 2048)
+    t = mse_threshold(hist, edges)
+
+    def err(th: float) -> float:
+        s = th / 127
+        return float(np.mean((np.clip(np.round(x / s), -127, 127) * s - x) ** 2))
+
+    grid = np.linspace(3.0, float(x.max()), 60)
+    best = grid[int(np.argmin([err(g) for g in grid]))]
+    assert 3.7 < t < 4.2 and abs(t - best) < 0.2, (t, best)  # ~4 sigma for a Gaussian at int8, not the max
+    assert err(t) < 0.7 * err(float(x.max()))
+
+
+def test_mse_calibration_ranges_are_inside_minmax(nano: dict, tmp_path: Path) -> None:
+    out = tmp_path / "q.onnx"
+    mm = quantize_onnx(nano["onnx"], out, nano["calib"], QuantRecipe(calibration="minmax"), cache_dir=tmp_path)
+    ms = quantize_onnx(nano["onnx"], out, nano["calib"], QuantRecipe(calibration="mse"), cache_dir=tmp_path)
+    a = json.loads(Path(mm["calibration"]["cache_file"]).read_text())["data"]
+    b = json.loads(Path(ms["calibration"]["cache_file"]).read_text())["data"]
+    hi = {k: (a[k]["highest"]["data"][0], b[k]["highest"]["data"][0]) for k in a}
+    assert all(0 < y <= x * (1 + 1e-6) for x, y in hi.values())
+    assert sum(y < 0.9 * x for x, y in hi.values()) >= len(hi) // 2  # most tensors are clipped below their max
+    q = OrtRunner(out).run(nano["images"])
+    assert _cos_min(nano["ref"], q) >= 0.99
