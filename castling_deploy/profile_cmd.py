@@ -38,6 +38,7 @@ def run_profile_cmd(artifact: Path, *, runs: int, warmup: int, threads: int | No
         chart_path = chart or artifact.with_name(artifact.name + ".latency.png")
         result = profile_artifact(artifact, runs=runs, warmup=warmup, threads=threads, batch=batch,
                                   chart_path=chart_path, per_op=not no_per_op, progress=progress)
+        _record_in_report(artifact, result)
         if as_json:
             emit_json(result)
         else:
@@ -55,6 +56,29 @@ def run_profile_cmd(artifact: Path, *, runs: int, warmup: int, threads: int | No
     else:
         click.echo(format_sweep_table(result))
         click.echo(f"chart: {chart_path}")
+
+
+def _record_in_report(artifact: Path, result: dict[str, Any]) -> None:
+    """When the artifact sits in an export folder, keep its latency summary in report.json (for the manifest)."""
+    import json
+
+    from .output import write_json
+
+    report_path = artifact.parent / "report.json"
+    if not report_path.is_file():
+        return
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, ValueError):
+        return
+    if not any(a.get("file") == artifact.name for a in report.get("artifacts", [])):
+        return
+    lat = report.get("latency") or {}
+    lat[artifact.name] = {k: result.get(k) for k in ("runtime", "threads", "batch", "runs", "warmup", "latency_ms",
+                                                     "load_ms", "host")}
+    report["latency"] = lat
+    write_json(report_path, report)
+    log.info("latency recorded in %s", report_path)
 
 
 def _sweep_models(artifact: Path, arch: str | None) -> tuple[Callable[[int], Any], Callable[[int], Any], str]:

@@ -256,9 +256,9 @@ def format_manifest(manifest: dict) -> str:
             lines.append(f"    {s.get('stage', '?'):<8} cos {m.get('cosine', float('nan')):.6f}  "
                          f"max|Δ| {m.get('max_abs_logit', float('nan')):.2e}  "
                          f"{'ok' if s.get('passed') else 'FAILED'}")
-        lat = t.get("latency") or {}
-        if lat:
-            lm = lat.get("latency_ms") or lat
-            lines.append(f"  latency p50 {lm.get('p50', '-')} ms  p99 {lm.get('p99', '-')} ms")
+        for name, lat in (t.get("latency") or {}).items():  # recorded by `castling-deploy profile`, per file
+            lm = (lat or {}).get("latency_ms") or {}
+            lines.append(f"  latency {name}: p50 {lm.get('p50', '-')} ms  p99 {lm.get('p99', '-')} ms "
+                         f"({lat.get('runtime', '?')}, {lat.get('threads') or 'default'} threads, batch {lat.get('batch')})")
     lines.append(f"\n{len(manifest.get('files') or {})} files with sha256 in the manifest")
     return "\n".join(lines)

@@ -59,7 +59,7 @@ def build(sess: ExportSession, work: Path) -> TargetOutcome:
     (work / "build_engine.sh").chmod(0o755)
     outcome.info.update(precision=precision, onnx_for_engine=onnx_for_engine.name, trtexec=cmd,
                         build_engine=ours, batch_range=list(DEFAULT_BATCH_RANGE))
-    outcome.artifacts.append({"file": "build_engine.sh", "precision": precision, "runtime": "shell"})
+    outcome.artifacts.append({"file": "build_engine.sh", "precision": "script", "runtime": "sh on the target device"})
     if tensorrt_available():
         meta = build_engine(onnx_for_engine, work / ENGINE_NAME, precision=precision,
                             batch_range=DEFAULT_BATCH_RANGE, timing_cache=work / "timing.cache")
