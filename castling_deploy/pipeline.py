@@ -58,7 +58,7 @@ class ExportOptions:
     force: bool = False
     arch: str | None = None
     calib_size: int = 512
-    calib_method: str = "minmax"
+    calib_method: str = "percentile"
     auto_fallback: bool = False
     sensitivity: bool = False
     full_integer: bool = False

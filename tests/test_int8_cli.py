@@ -76,7 +76,7 @@ def sensitive_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_tolerance_zero_with_tiny_calibration_fails_with_exit_3(runner, tmp_path: Path, sensitive_ckpt: Path) -> None:
     calib = _tiny_calib(tmp_path)
     r = invoke(runner, "export", sensitive_ckpt, "--target", "onnx", "--int8", "--calib", calib, "--val", DIGITS_VAL,
-               "--tolerance", "0", "-o", tmp_path / "out", "--json")
+               "--calib-method", "minmax", "--tolerance", "0", "-o", tmp_path / "out", "--json")
     assert r.exit_code == 3, r.stderr
     report = json.loads((tmp_path / "out" / "sensitive" / "onnx" / "report.json").read_text())
     assert report["status"] == "failed" and report["failures"][0].startswith("int8: top-1 drop")

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -164,8 +165,10 @@ def _calibrate(model: Path, reader: Any, recipe: QuantRecipe, ranges_path: Path,
         calibrate_method=method,
         extra_options=options,
     )
-    calibrator.collect_data(reader)
-    data = calibrator.compute_data()
+    # ORT's histogram calibrators print() progress; stdout must stay clean for --json.
+    with contextlib.redirect_stdout(sys.stderr):
+        calibrator.collect_data(reader)
+        data = calibrator.compute_data()
     if recipe.calibration == "mse":
         from onnxruntime.quantization.calibrate import TensorsData
 
