@@ -9,7 +9,6 @@ import click
 
 from .errors import UsageError
 from .pipeline import TARGETS, ExportOptions, failure_error, run_export
-from .verify import format_budget
 
 log = logging.getLogger(__name__)
 

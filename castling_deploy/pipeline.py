@@ -245,7 +245,7 @@ def build_target(sess: ExportSession, target: str) -> tuple[Path, dict[str, Any]
 
 
 def _add_hashes(folder: Path, report: dict[str, Any]) -> None:
-    from .models.checkpoint import file_sha256
+    from .digest import file_sha256
 
     for a in report["artifacts"]:
         p = folder / a["file"]

@@ -35,6 +35,7 @@ def logit_metrics(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = 
         "mean_abs_logit": float(np.abs(diff).mean()) if diff.size else 0.0,
         "cosine": cos,
         "min_sample_cosine": float(per.min()) if len(per) else float("nan"),
+        "mean_sample_cosine": float(per.mean()) if len(per) else float("nan"),
         "sqnr_db": sqnr,
         "top1_agreement": float((ref_top1 == out_top1).mean()),
     }

@@ -9,7 +9,6 @@ Two kinds of file:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import warnings
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..digest import file_sha256
 from ..errors import CheckpointError, UsageError
 from .registry import VARIANTS, get_config
 from .vit import CastlingViT, ViTConfig, resample_pos_embed
@@ -70,14 +70,6 @@ class Checkpoint:
             state["pos_embed"] = resample_pos_embed(state["pos_embed"], cfg.grid)
         load_state_strict(model, state, self.path)
         return model.eval()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _first(items: list[str], n: int = 5) -> str:

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..digest import file_sha256
 from ..errors import ToleranceError, UsageError
 
 SCHEMA = "castling-deploy/manifest/1"
@@ -28,12 +29,7 @@ RUNTIME_FOR_SUFFIX = {
 
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = file_sha256
 
 
 def _tree_digest(entries: dict[str, str]) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..digest import file_sha256
 from ..errors import DataError
 
 log = logging.getLogger(__name__)
@@ -102,12 +103,7 @@ class CalibrationReader:
         return _Reader()
 
 
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+file_digest = file_sha256  # the model half of a calibration cache key
 
 
 def calibration_cache_key(model_digest: str, data_digest: str, method: str, recipe_key: str) -> str:

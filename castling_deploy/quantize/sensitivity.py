@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..verify import logit_metrics as verify_logit_metrics
 from ..errors import UsageError
 from .calibration import CalibrationSet
 from .recipe import QuantRecipe
@@ -22,23 +23,20 @@ log = logging.getLogger(__name__)
 
 
 def logit_metrics(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
-    """SQNR (dB), min/mean cosine, max |diff|, top-1 agreement, and accuracy when labels exist."""
-    ref = np.asarray(ref, dtype=np.float64)
-    out = np.asarray(out, dtype=np.float64)
-    err = float(np.sum((ref - out) ** 2))
-    sqnr = float("inf") if err == 0 else float(10 * np.log10(np.sum(ref**2) / err))
-    cos = np.sum(ref * out, 1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1), 1e-30)
+    """The verification metrics (castling_deploy.verify.logit_metrics) in the sweep's row format:
+    SQNR (dB), min/mean per-sample cosine, max |diff|, top-1 agreement, accuracy as fractions when labels exist."""
+    v = verify_logit_metrics(ref, out, labels)
     m = {
-        "sqnr_db": round(sqnr, 3),
-        "cosine_min": float(cos.min()),
-        "cosine_mean": float(cos.mean()),
-        "max_abs_diff": float(np.max(np.abs(ref - out))),
-        "top1_agreement": float(np.mean(ref.argmax(1) == out.argmax(1))),
+        "sqnr_db": round(v["sqnr_db"], 3),
+        "cosine_min": v["min_sample_cosine"],
+        "cosine_mean": v["mean_sample_cosine"],
+        "max_abs_diff": v["max_abs_logit"],
+        "top1_agreement": v["top1_agreement"],
     }
     if labels is not None:
-        m["top1_acc"] = float(np.mean(out.argmax(1) == labels))
-        m["ref_top1_acc"] = float(np.mean(ref.argmax(1) == labels))
-        m["top1_drop_points"] = round(100 * (m["ref_top1_acc"] - m["top1_acc"]), 4)
+        m["top1_acc"] = v["top1_acc"] / 100
+        m["ref_top1_acc"] = v["ref_top1_acc"] / 100
+        m["top1_drop_points"] = round(v["top1_drop_points"], 4)
     return m
 
 

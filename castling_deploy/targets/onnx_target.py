@@ -9,8 +9,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..export_onnx import export_onnx
 from ..fold import predict
 from ..pipeline import ExportSession, TargetOutcome

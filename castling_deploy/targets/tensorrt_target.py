@@ -26,11 +26,9 @@ def _precision(int8: bool, fp16: bool) -> str:
 
 
 def tensorrt_available() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
 
 
 def build(sess: ExportSession, work: Path) -> TargetOutcome:
