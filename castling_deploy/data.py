@@ -34,6 +34,16 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.images)
 
+    def split(self, n_holdout: int, seed: int = 0) -> tuple["ImageSet", "ImageSet"]:
+        """(rest, held-out): a seeded split so one folder can calibrate and verify without overlap."""
+        order = np.random.default_rng(seed).permutation(len(self))
+        parts = []
+        for name, idx in (("rest", np.sort(order[n_holdout:])), ("held-out", np.sort(order[:n_holdout]))):
+            digest = "sha256:" + hashlib.sha256(f"{self.digest}:{name}:{seed}:{n_holdout}".encode()).hexdigest()
+            parts.append(ImageSet(self.images[idx], None if self.labels is None else self.labels[idx], digest,
+                                  f"{self.source} [{name}: {len(idx)} of {len(self)}, seed {seed}]"))
+        return parts[0], parts[1]
+
     def describe(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -71,20 +81,36 @@ def preprocess_image(img: "PIL.Image.Image", pp: dict[str, Any]) -> np.ndarray: 
     return arr.transpose(2, 0, 1)
 
 
+def _hidden(p: Path) -> bool:
+    return p.name.startswith(".") or p.name == "__MACOSX"
+
+
 def _list_folder(root: Path) -> list[tuple[Path, str | None]]:
+    """(file, class folder or None). Hidden entries (.ipynb_checkpoints, __MACOSX, .DS_Store) are not data."""
     entries: list[tuple[Path, str | None]] = []
     for p in sorted(root.iterdir()):
+        if _hidden(p):
+            continue
         if p.is_dir():
             for f in sorted(p.rglob("*")):
-                if f.is_file():
+                if f.is_file() and not any(_hidden(part) for part in f.relative_to(p).parents) and not _hidden(f):
                     entries.append((f, p.name))
         elif p.is_file():
             entries.append((p, None))
     return entries
 
 
-def _label_index(classes: list[str], labels: list[str] | None, source: Path) -> dict[str, int]:
+def _label_index(classes: list[str], labels: list[str] | None, source: Path,
+                 num_classes: int | None = None) -> dict[str, int]:
     if labels is None:
+        if all(c.isdigit() for c in classes):  # folders named by class index: 0/, 1/, ... 999/
+            return {c: int(c) for c in classes}
+        if num_classes is not None and len(classes) != num_classes:
+            raise DataError(
+                f"{source}: {len(classes)} class folders but the model has {num_classes} classes and its checkpoint "
+                "stores no label names, so folder names cannot be matched to outputs; name the folders by class "
+                "index (0/, 1/, ...) or include every class"
+            )
         return {c: i for i, c in enumerate(sorted(classes))}
     lookup = {name: i for i, name in enumerate(labels)}
     unknown = [c for c in classes if c not in lookup]
@@ -109,6 +135,7 @@ def load_image_set(
     *,
     limit: int | None = None,
     seed: int = 0,
+    num_classes: int | None = None,
 ) -> ImageSet:
     """Load and preprocess a folder or .npz. Raises DataError (exit 2) when nothing usable is there."""
     from PIL import Image, UnidentifiedImageError
@@ -119,12 +146,14 @@ def load_image_set(
     if root.is_file():
         if root.suffix != ".npz":
             raise DataError(f"{root}: expected a folder of images or an .npz with 'images' and 'labels'")
-        return _load_npz(root, preprocess, limit, seed)
+        return _checked(_load_npz(root, preprocess, limit, seed), num_classes)
     entries = _list_folder(root)
     classes = sorted({c for _, c in entries if c is not None})
-    root_images = [f for f, c in entries if c is None and f.suffix.lower() in IMAGE_SUFFIXES]
-    labeled = bool(classes) and not root_images
-    index = _label_index(classes, labels, root) if labeled else {}
+    labeled = bool(classes)
+    stray = [f for f, c in entries if c is None and f.suffix.lower() in IMAGE_SUFFIXES]
+    if labeled and stray:
+        log.warning("%s: %d images outside the class folders are ignored (e.g. %s)", root, len(stray), stray[0].name)
+    index = _label_index(classes, labels, root, num_classes) if labeled else {}
     # With a limit, walk a seeded permutation and keep the first `limit` readable images.
     if limit is None or limit >= len(entries):
         order = np.arange(len(entries))
@@ -161,8 +190,22 @@ def load_image_set(
     y = np.asarray(ys, dtype=np.int64) if labeled else None
     if y is not None:
         h.update(y.tobytes())
-    return ImageSet(np.stack(arrays).astype(np.float32), y, "sha256:" + h.hexdigest(), str(root),
-                    skipped=len(skipped), skipped_examples=skipped[:5])
+    return _checked(ImageSet(np.stack(arrays).astype(np.float32), y, "sha256:" + h.hexdigest(), str(root),
+                             skipped=len(skipped), skipped_examples=skipped[:5]), num_classes)
+
+
+def _checked(s: ImageSet, num_classes: int | None) -> ImageSet:
+    """Reject what would make accuracy numbers meaningless: non-finite pixels, labels outside the model."""
+    if not np.isfinite(s.images).all():
+        raise DataError(f"{s.source}: images contain NaN or Inf values")
+    if s.labels is not None:
+        if s.labels.ndim != 1 or len(s.labels) != len(s.images):
+            raise DataError(f"{s.source}: labels must be one integer per image, got shape {s.labels.shape}")
+        hi = num_classes if num_classes is not None else np.iinfo(np.int64).max
+        bad = s.labels[(s.labels < 0) | (s.labels >= hi)]
+        if len(bad):
+            raise DataError(f"{s.source}: label {int(bad[0])} is outside the model's classes 0..{hi - 1}")
+    return s
 
 
 def _load_npz(path: Path, preprocess: dict[str, Any], limit: int | None, seed: int) -> ImageSet:
@@ -182,14 +225,23 @@ def _load_npz(path: Path, preprocess: dict[str, Any], limit: int | None, seed: i
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
     idx = _sample(len(images), limit, seed)
     images = images[idx]
-    labels = labels[idx].astype(np.int64) if labels is not None else None
+    if labels is not None:
+        if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer)
+                                    or (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)))):
+            raise DataError(f"{path}: 'labels' must be a 1-D array of integer class indices, got "
+                            f"{labels.dtype} {labels.shape}")
+        labels = labels[idx].astype(np.int64)
     crop = int(preprocess["crop"])
     if images.dtype == np.uint8:
         if images.ndim == 3:
             images = images[..., None]
+        if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
+            images = images.transpose(0, 2, 3, 1)  # NCHW uint8 -> NHWC for PIL
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise DataError(f"{path}: uint8 'images' must be (N,H,W), (N,H,W,1|3) or (N,1|3,H,W), got {images.shape}")
         arrs = [preprocess_image(Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im), preprocess) for im in images]
         x = np.stack(arrs).astype(np.float32)
-    elif images.ndim == 4 and images.shape[1:] == (3, crop, crop):
+    elif images.ndim == 4 and images.shape[1:] == (3, crop, crop) and np.issubdtype(images.dtype, np.floating):
         x = images.astype(np.float32)  # already preprocessed
     else:
         raise DataError(f"{path}: 'images' must be uint8 (N,H,W[,C]) or float (N,3,{crop},{crop}), got "

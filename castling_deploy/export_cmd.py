@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,6 +14,11 @@ from .pipeline import TARGETS, ExportOptions, failure_error, run_export
 log = logging.getLogger(__name__)
 
 
+def check_tolerance(points: float) -> None:
+    if not (math.isfinite(points) and 0 <= points <= 100):
+        raise UsageError(f"--tolerance {points}: must be a number of top-1 points between 0 and 100")
+
+
 def check_options(targets: list[str], o: ExportOptions) -> None:
     """Reject combinations that cannot mean anything, with the fix in the message (exit 2)."""
     if o.full_integer and (not o.int8 or "tflite" not in targets):
@@ -21,8 +27,11 @@ def check_options(targets: list[str], o: ExportOptions) -> None:
         raise UsageError("--io-dtype int8 applies only to --target tflite --int8 --full-integer")
     if o.weights_only and (not o.int8 or "coreml" not in targets):
         raise UsageError("--weights-only needs --int8 and --target coreml")
-    if o.tolerance < 0:
-        raise UsageError(f"--tolerance {o.tolerance}: must be >= 0 (points of top-1 accuracy)")
+    check_tolerance(o.tolerance)
+    if o.val_limit is not None and o.val_limit < 1:
+        raise UsageError(f"--limit {o.val_limit}: must be >= 1")
+    if not (o.opset == 17 or 18 <= o.opset <= 21):
+        raise UsageError(f"--opset {o.opset} is not supported; use 17 (legacy exporter) or 18-21 (dynamo exporter)")
     if o.calib_size < 1:
         raise UsageError(f"--calib-size {o.calib_size}: must be >= 1")
     if (o.auto_fallback or o.sensitivity) and not o.int8:

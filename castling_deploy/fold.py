@@ -90,6 +90,7 @@ class FoldReport:
     params: int
     forced: bool = False
     notes: list[str] = field(default_factory=list)
+    earlier: dict[str, Any] | None = None  # the record of a fold done before (a deploy-form checkpoint's history)
 
     @property
     def passed(self) -> bool:
@@ -106,6 +107,7 @@ class FoldReport:
             "passed": self.passed,
             "forced": self.forced,
             "notes": self.notes,
+            "earlier": self.earlier,
         }
 
 
@@ -130,9 +132,10 @@ def fold_model(
     if data.labels is None and data.digest.startswith("random"):
         notes.append("measured on seeded random inputs: no --calib images given, so accuracy was not measured")
     if cfg.attention != "castling" or cfg.form == "deploy":
-        notes.append(f"checkpoint is already {'softmax' if cfg.attention != 'castling' else 'deploy'}-form: "
-                     "nothing to fold")
-        return folded, FoldReport(cfg.form, data.describe(), [], None, macs, count_params(folded), force, notes)
+        kind = "softmax attention" if cfg.attention != "castling" else "deploy form"
+        notes.append(f"checkpoint is already {kind}: nothing to fold")
+        form_in = "softmax" if cfg.attention != "castling" else cfg.form
+        return folded, FoldReport(form_in, data.describe(), [], None, macs, count_params(folded), force, notes)
     blocks = branch_ratios(model, data.images)
     ref = predict(model, data.images)
     out = predict(folded, data.images)
@@ -154,6 +157,7 @@ def fold_model(
 class FoldRefused(ToleranceError):
     def __init__(self, report: FoldReport) -> None:
         assert report.stage is not None
+        self.context: tuple | None = None  # (checkpoint, val set, calib set), set by the export pipeline
         super().__init__(
             "the softmax branch still matters, so folding would change the model ("
             + "; ".join(report.stage.failures)

@@ -18,12 +18,20 @@ RANDOM_FOLD_INPUTS = 64
 
 def run_fold(ckpt_path: Path, out: Path, *, arch: str | None, calib: Path | None, limit: int | None,
              tolerance: float, force: bool, as_json: bool, emit_json: Callable[[Any], None]) -> None:
+    from .export_cmd import check_tolerance
+
+    check_tolerance(tolerance)
+    if limit is not None and (limit < 1 or calib is None):
+        raise UsageError("--limit N (N >= 1) samples the --calib images; pass --calib DIR too")
+    if out.exists() and ckpt_path.exists() and out.resolve() == ckpt_path.resolve():
+        raise UsageError(f"-o {out} is the input checkpoint; write the folded model to a new file")
     if out.suffix not in (".pt", ".pth", ".safetensors"):
         raise UsageError(f"-o {out}: the folded checkpoint must end in .pt or .safetensors")
     if out.exists() and out.is_dir():
         raise UsageError(f"-o {out}: is a directory; give a file name like {out}/model_deploy.pt")
     ckpt = load_checkpoint(ckpt_path, arch=arch)
-    data = (load_image_set(calib, ckpt.preprocess, ckpt.labels, limit=limit) if calib
+    data = (load_image_set(calib, ckpt.preprocess, ckpt.labels, limit=limit, num_classes=ckpt.config.num_classes)
+            if calib
             else random_inputs(RANDOM_FOLD_INPUTS, ckpt.config.img_size))
     if calib is None:
         log.info("no --calib: measuring the fold on %d seeded random inputs (accuracy not measured)", len(data))

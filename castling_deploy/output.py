@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -47,7 +48,7 @@ def remove_orphaned_staging(parent: Path) -> None:
         return
     for p in parent.glob(f"{STAGING_PREFIX}*"):
         try:
-            pid = int(p.name.split("-")[2])
+            pid = int(p.name.split("-")[1])  # .partial-<pid>-<name>-<random>
         except (IndexError, ValueError):
             continue
         if not _pid_alive(pid):
@@ -110,7 +111,7 @@ def _normalize_modes(root: Path) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    tmp.write_text(json.dumps(to_jsonable(data), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -126,5 +127,17 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def _finite(o: Any) -> Any:
+    """Strict JSON has no Infinity/NaN (JavaScript, Swift and Go parsers reject them): they become null."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
 def to_jsonable(data: Any) -> Any:
-    return json.loads(json.dumps(data, default=_json_default))
+    """Plain, strict-JSON data: numpy scalars/arrays and paths converted, non-finite floats as null."""
+    return _finite(json.loads(json.dumps(data, default=_json_default)))

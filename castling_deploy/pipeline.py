@@ -18,8 +18,8 @@ import numpy as np
 
 from . import __version__
 from .data import ImageSet, load_image_set, random_inputs
-from .errors import DataError, ToleranceError, UsageError
-from .fold import FoldReport, fold_model, predict
+from .errors import ToleranceError, UsageError
+from .fold import FoldRefused, FoldReport, fold_model, format_fold_report, predict
 from .models.checkpoint import Checkpoint, load_checkpoint
 from .models.vit import CastlingViT
 from .quiet import quiet_native_output
@@ -42,6 +42,7 @@ BUILDERS = {
     "tflite": "castling_deploy.targets.tflite_target:build",
 }
 RANDOM_VAL_COUNT = 64
+HOLDOUT_MIN, HOLDOUT_MAX = 8, 256
 
 
 @dataclass
@@ -168,25 +169,44 @@ def prepare_session(ckpt_path: Path | None, opts: ExportOptions) -> ExportSessio
         log.info("no CKPT given: using the shipped demo %s", DEMO_CHECKPOINT.name)
     ckpt = load_checkpoint(ckpt_path, arch=opts.arch, img_size=opts.imgsz)
     calib_path, val_path = _resolve_sets(opts, demo)
-    labels = ckpt.labels
-    val = (load_image_set(val_path, ckpt.preprocess, labels, limit=opts.val_limit, seed=opts.seed)
-           if val_path else None)
+    if opts.int8 and calib_path is None:
+        raise UsageError("--int8 needs calibration images: pass --calib DIR (a folder of images or an .npz)")
+    if opts.val_limit is not None and val_path is None:
+        raise UsageError("--limit samples the --val set; pass --val DIR too")
+    if ckpt.config.attention != "castling":
+        log.warning("%s has softmax attention (no Castling dconv weights): exported as a plain DeiT, nothing to fold",
+                    ckpt.path)
+    labels, classes = ckpt.labels, ckpt.config.num_classes
+    val = (load_image_set(val_path, ckpt.preprocess, labels, limit=opts.val_limit, seed=opts.seed,
+                          num_classes=classes) if val_path else None)
     calib = None
     if calib_path is not None:
-        calib = load_image_set(calib_path, ckpt.preprocess, labels, limit=opts.calib_size, seed=opts.seed)
+        calib = load_image_set(calib_path, ckpt.preprocess, labels, limit=opts.calib_size, seed=opts.seed,
+                               num_classes=classes)
         if val is not None and calib.digest == val.digest:
             raise UsageError(f"--calib {calib_path} holds exactly the images of --val {val_path}; "
                              "calibrate on a different set")
-    if val is None:
-        val = calib if calib is not None else random_inputs(RANDOM_VAL_COUNT, ckpt.config.img_size, opts.seed)
+    if val is None and calib is not None and len(calib) >= 2 * HOLDOUT_MIN:
+        # Never verify on the images that calibrated: hold a seeded part of --calib out of calibration.
+        calib, val = calib.split(min(len(calib) // 5, HOLDOUT_MAX), seed=opts.seed)
+        log.warning("no --val set: verifying on %d images held out of --calib (they are not used to calibrate)",
+                    len(val))
+    elif val is None:
+        val = random_inputs(RANDOM_VAL_COUNT, ckpt.config.img_size, opts.seed)
         log.warning("no --val set: verifying on %s (no labels, so top-1 agreement stands in for accuracy)",
                     val.source)
-    if val.labels is not None and ckpt.config.num_classes and val.labels.max() >= ckpt.config.num_classes:
-        raise DataError(f"{val.source}: label index {int(val.labels.max())} >= the model's "
-                        f"{ckpt.config.num_classes} classes")
     log.info("folding %s (%s) on %d images of %s", ckpt.arch, ckpt.config.form, len(val), val.source)
     model = ckpt.build_model()
-    folded, fold_report = fold_model(model, val, tolerance_points=opts.tolerance, force=opts.force)
+    try:
+        folded, fold_report = fold_model(model, val, tolerance_points=opts.tolerance, force=opts.force)
+    except FoldRefused as exc:
+        exc.context = (ckpt, val, calib)
+        raise
+    fold_report.earlier = ckpt.extra.get("fold")
+    if fold_report.earlier and fold_report.earlier.get("forced"):
+        fold_report.forced = True
+        fold_report.notes.append("this checkpoint was folded earlier with --force; that fold's measured effect is "
+                                 "the first row of the error budget")
     ref = predict(folded, val.images)
     meta = artifact_metadata(ckpt, folded.cfg.to_dict())
     return ExportSession(ckpt, opts, folded, fold_report, val, ref, calib, meta)
@@ -194,6 +214,11 @@ def prepare_session(ckpt_path: Path | None, opts: ExportOptions) -> ExportSessio
 
 def _budget(sess: ExportSession, outcome: TargetOutcome) -> list[StageResult]:
     stages = []
+    earlier = sess.fold_report.earlier
+    if earlier and earlier.get("stage"):
+        e = earlier["stage"]
+        stages.append(StageResult(e["stage"], e["reference"] + " (earlier `fold`)", e["candidate"], e["executor"],
+                                  e["metrics"], e.get("goals", {}), e.get("failures", [])))
     if sess.fold_report.stage is not None:
         stages.append(sess.fold_report.stage)
     return stages + outcome.stages
@@ -210,38 +235,62 @@ def build_target(sess: ExportSession, target: str) -> tuple[Path, dict[str, Any]
             outcome = builder(sess, work)
         budget = _budget(sess, outcome)
         failures = [f"{s.stage}: {f}" for s in budget for f in s.failures
-                    if not (s.stage == "fold" and sess.fold_report.forced)]
-        report = {
-            "schema": "castling-deploy/report/1",
-            "status": "failed" if failures else "passed",
-            "failures": failures,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "tool": {"name": "castling-deploy", "version": __version__},
-            "runtime_versions": runtime_versions(),
-            "checkpoint": {"path": sess.ckpt.path, "sha256": sess.ckpt.sha256, "arch": sess.ckpt.arch,
-                           "config": sess.folded.cfg.to_dict(), "form": sess.ckpt.config.form,
-                           "source_format": sess.ckpt.source_format},
-            "model_name": sess.model_name,
-            "target": target,
-            "options": sess.opts.to_dict(),
-            "preprocess": sess.ckpt.preprocess,
-            "labels": sess.ckpt.labels,
-            "input": {"name": "images", "shape": ["batch", sess.folded.cfg.in_chans, sess.img_size, sess.img_size],
-                      "dtype": "float32", "layout": "NCHW"},
-            "fold": sess.fold_report.to_dict(),
-            "artifacts": outcome.artifacts,
-            "data": {"val": sess.val.describe(), "calib": sess.calib.describe() if sess.calib else None},
-            "quantization": outcome.quantization,
-            "error_budget": [s.to_dict() for s in budget],
-            "goals": {"tolerance_points": sess.opts.tolerance, "float_atol": FLOAT_ATOL},
-            "target_info": outcome.info,
-            "latency": None,
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
+                    if not (s.stage == "fold" and sess.fold_report.forced)]  # a forced fold is recorded, not failed
+        report = _report(sess.ckpt, sess.opts, target, sess.fold_report, sess.val, sess.calib, budget, failures)
+        report.update(artifacts=outcome.artifacts, quantization=outcome.quantization, target_info=outcome.info,
+                      seconds=round(time.perf_counter() - t0, 2))
         _add_hashes(work, report)
         write_json(work / "report.json", to_jsonable(report))
     report["folder"] = str(final)
     return final, report
+
+
+def _report(ckpt: Checkpoint, opts: ExportOptions, target: str, fold: FoldReport, val: ImageSet,
+            calib: ImageSet | None, budget: list[StageResult], failures: list[str]) -> dict[str, Any]:
+    cfg = ckpt.config.with_(form="deploy") if ckpt.config.attention == "castling" else ckpt.config
+    return {
+        "schema": "castling-deploy/report/1",
+        "status": "failed" if failures else "passed",
+        "failures": failures,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tool": {"name": "castling-deploy", "version": __version__},
+        "runtime_versions": runtime_versions(),
+        "checkpoint": {"path": ckpt.path, "sha256": ckpt.sha256, "arch": ckpt.arch, "config": cfg.to_dict(),
+                       "form": ckpt.config.form, "attention": ckpt.config.attention,
+                       "source_format": ckpt.source_format},
+        "model_name": ckpt.name,
+        "target": target,
+        "options": opts.to_dict(),
+        "preprocess": ckpt.preprocess,
+        "labels": ckpt.labels,
+        "input": {"name": "images", "shape": ["batch", cfg.in_chans, cfg.img_size, cfg.img_size],
+                  "dtype": "float32", "layout": "NCHW"},
+        "fold": fold.to_dict(),
+        "artifacts": [],
+        "data": {"val": val.describe(), "calib": calib.describe() if calib else None},
+        "quantization": None,
+        "error_budget": [s.to_dict() for s in budget],
+        "goals": {"tolerance_points": opts.tolerance, "float_atol": FLOAT_ATOL},
+        "target_info": {},
+        "latency": None,
+    }
+
+
+def _refused_reports(exc: FoldRefused, opts: ExportOptions) -> list[dict[str, Any]]:
+    """The fold gate failed: write a failed report (no artifacts) for every requested target."""
+    ckpt, val, calib = exc.context
+    log.info("%s", format_fold_report(exc.report))
+    reports = []
+    for target in opts.targets:
+        final = Path(opts.out) / ckpt.name / target
+        failures = [f"fold: {f}" for f in exc.report.stage.failures] + [
+            "nothing was exported: the softmax branch still matters (see fold); --force exports anyway"]
+        report = _report(ckpt, opts, target, exc.report, val, calib, [exc.report.stage], failures)
+        with staged_dir(final) as work:
+            write_json(work / "report.json", to_jsonable(report))
+        report["folder"] = str(final)
+        reports.append(report)
+    return reports
 
 
 def _add_hashes(folder: Path, report: dict[str, Any]) -> None:
@@ -264,7 +313,10 @@ def run_export(ckpt_path: Path | None, opts: ExportOptions) -> list[dict[str, An
     from .output import ensure_writable_dir
 
     ensure_writable_dir(Path(opts.out))  # fail before the slow work, not after
-    sess = prepare_session(ckpt_path, opts)
+    try:
+        sess = prepare_session(ckpt_path, opts)
+    except FoldRefused as exc:
+        return _refused_reports(exc, opts)
     reports = []
     for target in opts.targets:
         log.info("building %s", target)

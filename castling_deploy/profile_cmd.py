@@ -38,7 +38,11 @@ def run_profile_cmd(artifact: Path, *, runs: int, warmup: int, threads: int | No
         chart_path = chart or artifact.with_name(artifact.name + ".latency.png")
         result = profile_artifact(artifact, runs=runs, warmup=warmup, threads=threads, batch=batch,
                                   chart_path=chart_path, per_op=not no_per_op, progress=progress)
-        _record_in_report(artifact, result)
+        if "interpreter" in str(result.get("runtime", "")):
+            log.warning("%s: timed with the MIL reference interpreter (numpy), not Core ML; this is not the "
+                        "latency on an Apple device and is not recorded in report.json", artifact.name)
+        else:
+            _record_in_report(artifact, result)
         if as_json:
             emit_json(result)
         else:

@@ -84,6 +84,8 @@ def check_stage(
 ) -> StageResult:
     """Compute metrics and evaluate goals: top-1 drop <= tolerance (with labels), else top-1 agreement >=
     ``1 - tolerance/100``; ``atol`` on max |Δlogit| for float artifacts."""
+    if not np.isfinite(tolerance_points) or tolerance_points < 0:
+        raise ValueError(f"tolerance must be a finite number of points >= 0, got {tolerance_points}")
     m = logit_metrics(ref_logits, logits, labels)
     goals: dict[str, Any] = {}
     failures: list[str] = []

@@ -49,7 +49,7 @@ def test_foreign_timm_style_files_load(tmp_path: Path, wrap: str) -> None:
     p = tmp_path / "foreign.pth"
     torch.save(obj, p)
     ck = load_checkpoint(p, arch="castling_nano")
-    assert ck.source_format == "foreign state dict"
+    assert ck.source_format.startswith("foreign state dict")
     assert load_checkpoint(p).arch == "castling_nano"  # inferred from shapes
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -185,3 +185,24 @@ def test_deit_tiny_macs_match_the_paper_row() -> None:
     assert 1.10e9 < macs < 1.20e9
     soft = create_model("castling_deit_tiny", attention="softmax")
     assert count_macs(soft, 224) > macs  # linear attention is cheaper at 197 tokens
+
+
+def test_deit_train_script_checkpoint_with_args_and_ema(tmp_path: Path) -> None:
+    """DeiT saves {'model', 'model_ema', 'optimizer', 'epoch', 'args': argparse.Namespace}: it loads as it is,
+    and the trained weights are preferred over the EMA copy."""
+    import argparse
+
+    torch.manual_seed(0)
+    trained = create_model("castling_nano", form="deploy").state_dict()
+    ema = {k: v + 1.0 for k, v in trained.items()}
+    p = tmp_path / "checkpoint.pth"
+    torch.save({"model": trained, "model_ema": ema, "epoch": 299, "args": argparse.Namespace(lr=5e-4)}, p)
+    ck = load_checkpoint(p, arch="castling_nano")
+    assert ck.source_format == "foreign state dict (key 'model')"
+    assert torch.equal(ck.state_dict["head.weight"], trained["head.weight"])
+
+
+@pytest.mark.parametrize("imgsz", [0, -8])
+def test_nonpositive_imgsz_is_a_usage_error(dead_branch_ckpt: Path, imgsz: int) -> None:
+    with pytest.raises(UsageError, match="--imgsz"):
+        load_checkpoint(dead_branch_ckpt, img_size=imgsz)

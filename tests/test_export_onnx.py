@@ -70,12 +70,15 @@ def deit_tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("imgsz", [224, 384])
 def test_deit_tiny_exports_and_matches_at_two_resolutions(runner, deit_tiny_ckpt: Path, tmp_path: Path,
                                                          imgsz: int) -> None:
+    val = tmp_path / "val.npz"  # 8 preprocessed images keep the 384 px reference pass short
+    np.savez(val, images=np.random.default_rng(0).standard_normal((8, 3, imgsz, imgsz)).astype(np.float32))
     r = invoke(runner, "export", deit_tiny_ckpt, "--arch", "castling_deit_tiny", "--imgsz", imgsz,
-               "-o", tmp_path, "--json")
+               "--val", val, "-o", tmp_path / "out", "--json")
     assert r.exit_code == 0, r.stderr
     report = json.loads(r.stdout)["reports"][0]
     assert report["target_info"]["export"]["simplifier"].startswith("onnxsim")
-    path = tmp_path / "deit_tiny_random" / "onnx" / "model.onnx"
+    assert report["error_budget"][-1]["metrics"]["max_abs_logit"] < 1e-4
+    path = tmp_path / "out" / "deit_tiny_random" / "onnx" / "model.onnx"
     onnx.checker.check_model(str(path), full_check=True)
     ck = load_checkpoint(deit_tiny_ckpt, arch="castling_deit_tiny", img_size=imgsz)
     model = ck.build_model()

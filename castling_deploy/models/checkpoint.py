@@ -131,7 +131,10 @@ _SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "b
 
 def _torch_load_safely(path: Path) -> Any:
     try:
-        with warnings.catch_warnings():
+        import argparse
+
+        # DeiT's train script stores its argparse.Namespace beside the weights: a plain attribute bag, safe to build.
+        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
             warnings.simplefilter("ignore")  # torch warns about pickle protocols on stderr; we explain instead
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -165,11 +168,14 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise CheckpointError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {exc}") from None
 
 
-def _unwrap_foreign(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+def _unwrap_foreign(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict inside a DeiT/timm file and where it was found. The trained weights (``model`` /
+    ``state_dict``) are preferred over an EMA copy, which is used only when nothing else is there."""
+    where = "top level"
     if isinstance(obj, dict):
-        for key in ("model_ema", "model", "state_dict", "module"):
+        for key in ("model", "state_dict", "module", "model_ema", "state_dict_ema"):
             if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
+                obj, where = obj[key], f"key '{key}'"
                 break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: no state dict found (expected tensors, or a dict with 'model'/'state_dict')")
@@ -178,8 +184,10 @@ def _unwrap_foreign(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         while k.startswith("module."):
             k = k[len("module.") :]
         out[k] = v
-    # timm stores distillation heads for DeiT-distilled; they have no place here.
-    return {k: v for k, v in out.items() if not k.startswith(("head_dist", "dist_token"))}
+    if "dist_token" in out or "head_dist.weight" in out:
+        raise CheckpointError(f"{path}: a distilled DeiT (dist_token/head_dist) is not supported: its two heads are "
+                              "averaged at inference; export the non-distilled model")
+    return out, where
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> str | None:
@@ -225,7 +233,12 @@ def load_checkpoint(path: str | Path, arch: str | None = None, img_size: int | N
     digest = file_sha256(p)
     if p.suffix == ".safetensors":
         state, meta = _load_safetensors(p)
-        desc = json.loads(meta["castling_deploy"]) if "castling_deploy" in meta else None
+        try:
+            desc = json.loads(meta["castling_deploy"]) if "castling_deploy" in meta else None
+        except ValueError:
+            raise CheckpointError(f"{p}: its 'castling_deploy' metadata is not valid JSON") from None
+        if desc is not None and not isinstance(desc, dict):
+            raise CheckpointError(f"{p}: its 'castling_deploy' metadata is not a JSON object")
         obj: Any = dict(desc, state_dict=state) if desc else state
         kind = "castling-deploy .safetensors" if desc else "foreign safetensors"
     else:
@@ -236,6 +249,8 @@ def load_checkpoint(path: str | Path, arch: str | None = None, img_size: int | N
             cfg = ViTConfig.from_dict(obj["config"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{p}: malformed castling-deploy checkpoint config: {exc}") from None
+        if not isinstance(obj.get("state_dict"), dict):
+            raise CheckpointError(f"{p}: castling-deploy checkpoint without a 'state_dict'")
         ck_arch = obj.get("arch", "")
         if arch is not None and arch != ck_arch:
             ref = get_config(arch)
@@ -250,7 +265,7 @@ def load_checkpoint(path: str | Path, arch: str | None = None, img_size: int | N
             source_format=kind, extra={k: obj[k] for k in ("train", "created", "fold") if k in obj},
         )
     else:
-        state = _unwrap_foreign(obj, p)
+        state, where = _unwrap_foreign(obj, p)
         name = arch or infer_arch(state)
         if name is None:
             raise CheckpointError(
@@ -259,15 +274,21 @@ def load_checkpoint(path: str | Path, arch: str | None = None, img_size: int | N
             )
         cfg = _foreign_config(name, state)
         ck = Checkpoint(arch=name, config=cfg, state_dict=state, preprocess=default_preprocess(cfg.img_size),
-                        labels=None, path=str(p), sha256=digest, source_format="foreign state dict")
+                        labels=None, path=str(p), sha256=digest, source_format=f"foreign state dict ({where})")
+    ck.preprocess = {**default_preprocess(ck.config.img_size), **(ck.preprocess or {})}
     if img_size is not None and img_size != ck.config.img_size:
-        if img_size % ck.config.patch_size:
+        if img_size <= 0 or img_size % ck.config.patch_size:
             raise UsageError(f"--imgsz {img_size} is not a multiple of the patch size {ck.config.patch_size}")
         ck.config = ck.config.with_(img_size=img_size)
         scale = img_size / ck.preprocess["crop"]
         ck.preprocess = dict(ck.preprocess, crop=img_size, resize=int(round(ck.preprocess["resize"] * scale)))
     # Fail now, with key names, rather than at export time.
-    ck.build_model()
+    try:
+        ck.build_model()
+    except CheckpointError:
+        raise
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{p}: cannot build {ck.arch} from this checkpoint: {str(exc).splitlines()[0][:200]}") from None
     return ck
 
 
@@ -291,10 +312,14 @@ def save_checkpoint(
     desc.update(extra or {})
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     tmp = p.with_name(p.name + ".tmp")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        save_file(state, str(tmp), metadata={"castling_deploy": json.dumps(desc)})
-    else:
-        torch.save(dict(desc, state_dict=state), str(tmp))
-    tmp.replace(p)
+            save_file(state, str(tmp), metadata={"castling_deploy": json.dumps(desc)})
+        else:
+            torch.save(dict(desc, state_dict=state), str(tmp))
+        tmp.replace(p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .archive import MAX_MEMBER_BYTES, MAX_TOTAL_BYTES, Archive, archive_format, check_members, read_manifest
 from .archive import write_archive
+from ..output import to_jsonable
 from .manifest import MANIFEST, README, build_manifest, render_readme, sha256_file
 
 
@@ -23,7 +24,7 @@ def create_package(export_dir: Path, out_file: Path, *, allow_failed: bool = Fal
     files = {name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for name, p in sorted(members.items())}
     files[README] = {"sha256": hashlib.sha256(readme).hexdigest(), "bytes": len(readme)}
     manifest["files"] = dict(sorted(files.items()))
-    manifest_bytes = (json.dumps(manifest, indent=2) + "\n").encode()
+    manifest_bytes = (json.dumps(to_jsonable(manifest), indent=2, allow_nan=False) + "\n").encode()
     blobs: list[tuple[str, bytes | Path]] = [(MANIFEST, manifest_bytes), (README, readme), *sorted(members.items())]
     return write_archive(out_file, blobs)
 

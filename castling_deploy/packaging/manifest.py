@@ -42,7 +42,8 @@ def _find_target_dirs(export_dir: Path) -> list[Path]:
         raise UsageError(f"{export_dir}: not a folder; pass an export folder holding report.json")
     if (export_dir / "report.json").is_file():
         return [export_dir]
-    dirs = sorted(p for p in export_dir.iterdir() if p.is_dir() and (p / "report.json").is_file())
+    dirs = sorted(p for p in export_dir.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and (p / "report.json").is_file())
     if not dirs:
         raise UsageError(f"{export_dir}: no report.json here or in its subfolders; run `castling-deploy export` first")
     return dirs

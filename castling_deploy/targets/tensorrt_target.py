@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,17 @@ ENGINE_NAME = "model.engine"
 
 
 def _precision(int8: bool, fp16: bool) -> str:
-    return "int8" if int8 else "fp16" if fp16 else "fp16"
+    """--int8 (with fp16 allowed for the layers left float), --fp16, or fp32 when neither is asked for."""
+    return "int8" if int8 else "fp16" if fp16 else "fp32"
 
 
 def tensorrt_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorrt") is not None
+    """Importable, not merely present: a placeholder wheel or missing CUDA libraries fail at import."""
+    try:
+        import tensorrt  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
 
 
 def build(sess: ExportSession, work: Path) -> TargetOutcome:
@@ -48,7 +51,7 @@ def build(sess: ExportSession, work: Path) -> TargetOutcome:
     lo, opt, hi = DEFAULT_BATCH_RANGE
     cmd = trtexec_command(onnx_for_engine.name, ENGINE_NAME, precision, lo, opt, hi, sess.img_size,
                           timing_cache="timing.cache")
-    ours = f"castling-deploy build-engine {shlex.quote(str(Path(sess.opts.out) / sess.model_name / 'tensorrt'))}"
+    ours = "castling-deploy build-engine ."
     (work / "build_engine.sh").write_text(
         "#!/bin/sh\n# Run on the target device (Jetson / NVIDIA GPU) inside this folder.\n"
         f"# Either TensorRT's trtexec:\n{cmd}\n# or, with castling-deploy installed there (verifies accuracy too):\n"
@@ -83,6 +86,7 @@ def build_engine_for_export(folder: Path, *, precision: str | None = None,
     import numpy as np
 
     from ..data import load_image_set
+    from ..digest import file_sha256
     from ..output import to_jsonable, write_json
     from ..runtime.base import run_batched
     from ..runtime.ort import OrtRunner
@@ -104,7 +108,14 @@ def build_engine_for_export(folder: Path, *, precision: str | None = None,
     meta = build_engine(onnx_path, engine, precision=precision, batch_range=batch_range,
                         timing_cache=Path(folder) / "timing.cache")
     result: dict[str, Any] = {"engine": meta}
-    if val is not None:
+    report["artifacts"] = [a for a in report["artifacts"] if a["file"] != ENGINE_NAME] + [
+        {"file": ENGINE_NAME, "precision": precision, "runtime": f"TensorRT {meta['tensorrt']} on {meta['gpu']}",
+         "sha256": file_sha256(engine), "bytes": engine.stat().st_size}]
+    if val is None:
+        note = "engine built but not verified: pass --val DIR to build-engine to measure its accuracy"
+        report.setdefault("target_info", {}).setdefault("notes", []).append(note)
+        result["verified"] = False
+    else:
         data = load_image_set(val, report["preprocess"], report.get("labels"), limit=limit)
         ref = run_batched(OrtRunner(Path(folder) / "model.onnx"), data.images)
         out = run_batched(TensorRTRunner(engine), data.images)

@@ -18,12 +18,12 @@ def build(sess: ExportSession, work: Path) -> TargetOutcome:
     opts = sess.opts
     outcome = TargetOutcome()
 
-    def convert(mode: str, name: str, io_dtype: str = "float32") -> Path:
+    def convert(mode: str, name: str, io_dtype: str = "float32", metadata: dict[str, str] | None = None) -> Path:
         calib = sess.require_calib().images if mode in ("int8", "full_integer") else None
         log.info("converting to LiteRT %s", mode)
         path = work / name
         outcome.info[mode] = convert_tflite(sess.folded, path, mode=mode, calib_images=calib, img_size=sess.img_size,
-                                            io_dtype=io_dtype, metadata=sess.metadata)
+                                            io_dtype=io_dtype, metadata=metadata or sess.metadata)
         return path
 
     fp32 = convert("fp32", "model.tflite")
@@ -39,11 +39,15 @@ def build(sess: ExportSession, work: Path) -> TargetOutcome:
     if opts.int8:
         mode = "full_integer" if opts.full_integer else "int8"
         name = "model.full_integer.tflite" if opts.full_integer else "model.int8.tflite"
-        p = convert(mode, name, opts.io_dtype if opts.full_integer else "float32")
+        io = opts.io_dtype if opts.full_integer else "float32"
+        meta = None
+        if mode == "int8":  # litert-torch's hybrid model hands back int8 logits; say so in the file
+            meta = dict(sess.metadata, output="logits: int8, dequantize with the output tensor's scale and zero point")
+        p = convert(mode, name, io, meta)
         census = tflite_census(p)
         calib = sess.require_calib()
         outcome.quantization = {
-            "recipe": {"mode": mode, "io_dtype": opts.io_dtype if opts.full_integer else "float32",
+            "recipe": {"mode": mode, "io_dtypes": census.get("io_dtypes"),
                        "tool": "ai-edge-quantizer static_wi8_ai8, global min/max" if opts.full_integer
                        else "litert-torch PT2EQuantizer (per-channel weights, static activations)",
                        "notes": outcome.info[mode].get("notes")},
