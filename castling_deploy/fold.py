@@ -183,10 +183,11 @@ def format_fold_report(r: FoldReport) -> str:
             f"top-1 agreement {m['top1_agreement'] * 100:.2f}%{acc} — {'ok' if r.stage.passed else 'FAILED'}"
         )
     mc = r.macs
+    saving = 1 - mc["deploy_form"] / mc["softmax_baseline"]
+    vs = f"{saving * 100:.1f}% fewer" if saving >= 0 else f"{-saving * 100:.1f}% more: too few tokens to pay off"
     lines.append(
         f"MACs: training form {mc['training_form'] / 1e6:.2f}M → deploy form {mc['deploy_form'] / 1e6:.2f}M "
-        f"(softmax baseline of the same size: {mc['softmax_baseline'] / 1e6:.2f}M, "
-        f"{(1 - mc['deploy_form'] / mc['softmax_baseline']) * 100:+.1f}% fewer); params {r.params / 1e6:.3f}M"
+        f"(softmax baseline of the same size: {mc['softmax_baseline'] / 1e6:.2f}M; {vs}); params {r.params / 1e6:.3f}M"
     )
     lines.extend(f"note: {n}" for n in r.notes)
     return "\n".join(lines)
