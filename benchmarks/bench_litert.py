@@ -13,7 +13,6 @@ Writes benchmarks/results/litert.json and litert.md and prints the markdown tabl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -29,31 +28,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from castling_deploy.output import atomic_write_bytes  # noqa: E402
+from castling_deploy.quiet import quiet_native_output  # noqa: E402
+
 log = logging.getLogger("bench_litert")
 
 MODES = ("fp32", "int8", "full_integer")
 BASELINE = "ort_fp32"
 
 
-@contextlib.contextmanager
-def _stdout_to_stderr():
-    """Send fd 1 to stderr for the duration: converters print progress (some from C++), stdout is the table."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def _fidelity(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
@@ -151,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in MODES:
             path = Path(tmp) / f"{mode}.tflite"
             log.info("converting %s ...", mode)
-            with _stdout_to_stderr():
+            with quiet_native_output(enabled=False):
                 info = convert_tflite(
                     model, path, mode=mode, calib_images=None if mode == "fp32" else calib, img_size=s,
                     io_dtype="float32",
@@ -181,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                      info["file_bytes"] / 1e6, 100 * census["int8_tensor_fraction"])
         onnx_path = Path(tmp) / "fp32.onnx"
         log.info("exporting ONNX ...")
-        with _stdout_to_stderr():
+        with quiet_native_output(enabled=False):
             oinfo = export_onnx(model, onnx_path, s)
         paths[BASELINE] = onnx_path
         artifacts[BASELINE] = {
@@ -236,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = _table(result)
     env = result["environment"]
-    _write_atomic(args.out / "litert.json", json.dumps(result, indent=2) + "\n")
-    _write_atomic(
+    _write_text(args.out / "litert.json", json.dumps(result, indent=2) + "\n")
+    _write_text(
         args.out / "litert.md",
         f"# LiteRT modes vs ORT FP32: {args.arch} @ {s}\n\n{table}\n\n"
         f"Batch 1, {args.runs} timed runs after {args.warmup} warmup per (variant, threads), in {args.rounds} "

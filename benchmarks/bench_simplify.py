@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import logging
 import os
@@ -31,30 +30,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from castling_deploy.output import atomic_write_bytes  # noqa: E402
+from castling_deploy.quiet import quiet_native_output  # noqa: E402
+
 log = logging.getLogger("bench_simplify")
 
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
 VARIANTS = ("raw", "onnxsim", "onnxslim")
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr():
-    """Send fd 1 to stderr for the duration: converters print progress (some from C++), stdout is the table."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _simplify(proto: Any, tool: str) -> tuple[Any, float, str]:
@@ -64,7 +50,7 @@ def _simplify(proto: Any, tool: str) -> tuple[Any, float, str]:
     src = onnx.ModelProto()
     src.CopyFrom(proto)
     t0 = time.perf_counter()
-    with _stdout_to_stderr():  # both tools print progress; stdout is for the table
+    with quiet_native_output(enabled=False):  # both tools print progress; stdout is for the table
         if tool == "onnxsim":
             import onnxsim
 
@@ -140,7 +126,7 @@ def _bench_model(arch: str, size: int, args: argparse.Namespace, tmp: Path) -> d
 
     raw_path = tmp / f"{arch}_raw.onnx"
     log.info("%s@%d: exporting raw ONNX ...", arch, size)
-    with _stdout_to_stderr():
+    with quiet_native_output(enabled=False):
         info = export_onnx(model, raw_path, size, simplify=False)
     raw = onnx.load(str(raw_path))
     raw_ops = _ops(raw)
@@ -170,7 +156,7 @@ def _bench_model(arch: str, size: int, args: argparse.Namespace, tmp: Path) -> d
             row["classify_depth"], row["classify_error"] = None, str(exc)
         q_path = tmp / f"{arch}_{v}_int8.onnx"
         try:
-            with _stdout_to_stderr():
+            with quiet_native_output(enabled=False):
                 rep = quantize_onnx(path, q_path, calib, QuantRecipe.for_target("onnx"),
                                     cache_dir=tmp / "cache", batch=min(8, args.calib))
             q_out = OrtRunner(q_path, threads=1).run(held)
@@ -291,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     tables = _tables(models)
     env = result["environment"]
-    _write_atomic(args.out / "simplify.json", json.dumps(result, indent=2) + "\n")
-    _write_atomic(
+    _write_text(args.out / "simplify.json", json.dumps(result, indent=2) + "\n")
+    _write_text(
         args.out / "simplify.md",
         f"# ONNX simplifier: raw vs onnxsim vs onnxslim\n\n{tables}\n\n"
         f"Latency: ONNX Runtime CPU, 1 thread, batch 1, {args.runs} runs after {args.warmup} warmup, "

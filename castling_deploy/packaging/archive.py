@@ -11,17 +11,16 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import shutil
 import stat
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from ..errors import UsageError
+from ..output import atomic_path
 from .manifest import MANIFEST
 
 MAX_MEMBER_BYTES = 8 * 2**30
@@ -45,15 +44,8 @@ def write_archive(out_file: Path, blobs: list[tuple[str, bytes | Path]]) -> Path
     """Write ``(archive name, bytes or source file)`` pairs in order, atomically (temp file + rename)."""
     fmt = archive_format(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_file.parent, prefix=f".{out_file.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            (write_zip if fmt == "zip" else write_targz)(raw, blobs)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a package is meant to be shared
-        os.replace(tmp, out_file)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(out_file) as tmp, open(tmp, "wb") as raw:
+        (write_zip if fmt == "zip" else write_targz)(raw, blobs)
     return out_file
 
 

@@ -1,12 +1,11 @@
 """PNG charts (matplotlib, Agg backend, imported lazily: it is the ``profile`` extra)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import MissingDependencyError
+from ..output import atomic_path
 
 
 def _pyplot() -> Any:
@@ -21,16 +20,8 @@ def _pyplot() -> Any:
 
 
 def _save_atomic(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a chart is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

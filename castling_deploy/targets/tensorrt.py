@@ -8,13 +8,12 @@ engine records them. ``trtexec_command`` gives the equivalent command line for m
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from ..output import atomic_write_bytes
 from ..errors import CastlingError, MissingDependencyError, UsageError
 
 PRECISIONS = ("fp32", "fp16", "int8", "best")
@@ -173,15 +172,7 @@ def engine_metadata_path(engine_path: str | Path) -> Path:
     return p.with_name(p.name + ".json")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+_atomic_write = atomic_write_bytes
 
 
 def qdq_tensorrt_problems(onnx_path: str | Path) -> list[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import copy
 import os
-import tempfile
 import time
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..output import atomic_write_bytes
 from ..errors import MissingDependencyError, UsageError
 
 MODES = ("fp32", "fp16", "int8", "full_integer")
@@ -350,15 +350,7 @@ def tflite_census(path: str | Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ entry point
 def _write_atomic(data: bytes, out_path: Path) -> None:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(out_path, data)
 
 
 def convert_tflite(
