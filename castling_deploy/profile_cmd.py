@@ -49,7 +49,10 @@ def run_profile_cmd(artifact: Path, *, runs: int, warmup: int, threads: int | No
             click.echo(format_profile_table(result))
         return
     sizes = _parse_sizes(sweep)
-    make_model, make_baseline, name = _sweep_models(artifact, arch)
+    make_model, make_baseline, name, patch = _sweep_models(artifact, arch)
+    bad = [s for s in sizes if s % patch]
+    if bad:
+        raise UsageError(f"--sweep {sweep}: {bad} not multiples of the patch size {patch}")
     chart_path = chart or Path(f"{name}-sweep.png")
     with tempfile.TemporaryDirectory(prefix="castling-sweep-") as tmp:
         result = profile_sweep(make_model, sizes, baseline=make_baseline if baseline else None, runs=runs,
@@ -85,7 +88,7 @@ def _record_in_report(artifact: Path, result: dict[str, Any]) -> None:
     log.info("latency recorded in %s", report_path)
 
 
-def _sweep_models(artifact: Path, arch: str | None) -> tuple[Callable[[int], Any], Callable[[int], Any], str]:
+def _sweep_models(artifact: Path, arch: str | None) -> tuple[Callable[[int], Any], Callable[[int], Any], str, int]:
     """Model factories per resolution: a checkpoint (folded, pos-embed resampled) or a bare registry name."""
     from .fold import fold_softmax_branch
     from .models.checkpoint import load_checkpoint
@@ -95,7 +98,8 @@ def _sweep_models(artifact: Path, arch: str | None) -> tuple[Callable[[int], Any
     if not artifact.exists() and str(artifact) in VARIANTS:
         name = str(artifact)
         return (lambda s: create_model(name, img_size=s, form="deploy").eval(),
-                lambda s: create_model(name, img_size=s, attention="softmax").eval(), name)
+                lambda s: create_model(name, img_size=s, attention="softmax").eval(), name,
+                VARIANTS[name][0].patch_size)
     ck = load_checkpoint(artifact, arch=arch)
 
     def folded(size: int) -> Any:
@@ -108,4 +112,4 @@ def _sweep_models(artifact: Path, arch: str | None) -> tuple[Callable[[int], Any
         m.load_state_dict(sd, strict=False)  # same weights where they exist; timing does not depend on values
         return m.eval()
 
-    return folded, softmax, ck.name
+    return folded, softmax, ck.name, ck.config.patch_size
