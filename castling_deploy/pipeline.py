@@ -9,6 +9,7 @@ import importlib
 import json
 import logging
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,6 +84,8 @@ class ExportSession:
     ref_logits: np.ndarray
     calib: ImageSet | None
     metadata: dict[str, str]
+    # Artifacts several targets share (the float ONNX of onnx and tensorrt), built once per run.
+    shared: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_name(self) -> str:
@@ -318,13 +321,17 @@ def run_export(ckpt_path: Path | None, opts: ExportOptions) -> list[dict[str, An
     except FoldRefused as exc:
         return _refused_reports(exc, opts)
     reports = []
-    for target in opts.targets:
-        log.info("building %s", target)
-        folder, report = build_target(sess, target)
-        log.info("%s\n%s", folder, format_budget(report["error_budget"]))
-        if report["quantization"]:
-            log.info("int8 census: %s", census_summary(report["quantization"].get("census") or {}))
-        reports.append(report)
+    try:
+        for target in opts.targets:
+            log.info("building %s", target)
+            folder, report = build_target(sess, target)
+            log.info("%s\n%s", folder, format_budget(report["error_budget"]))
+            if report["quantization"]:
+                log.info("int8 census: %s", census_summary(report["quantization"].get("census") or {}))
+            reports.append(report)
+    finally:
+        for item in sess.shared.values():
+            shutil.rmtree(Path(item[0]).parent, ignore_errors=True)
     return reports
 
 

@@ -6,6 +6,8 @@ as Q->DQ pairs, no int32 bias) — see ``quantize.recipe.QuantRecipe.for_target`
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,22 @@ FALLBACK_EVAL_IMAGES = 256
 
 
 def export_float(sess: ExportSession, work: Path, outcome: TargetOutcome, name: str = "model.onnx") -> Path:
+    """The verified float ONNX; exported once per run and copied for the next target that needs it."""
     path = work / name
-    log.info("exporting ONNX (opset %d)", sess.opts.opset)
-    info = export_onnx(sess.folded, path, sess.img_size, in_chans=sess.folded.cfg.in_chans,
-                       opset=sess.opts.opset, metadata=sess.metadata)
+    built = sess.shared.get("float_onnx")
+    if built is not None and Path(built[0]).is_file():
+        shutil.copy2(built[0], path)
+        info, stage = built[1], built[2]
+        log.info("float ONNX: reusing the one exported and verified for the previous target")
+    else:
+        log.info("exporting ONNX (opset %d)", sess.opts.opset)
+        info = export_onnx(sess.folded, path, sess.img_size, in_chans=sess.folded.cfg.in_chans,
+                           opset=sess.opts.opset, metadata=sess.metadata)
+        stage = sess.verify("export", f"ONNX fp32 ({path.name})", OrtRunner(path), precision="fp32")
+        keep = Path(tempfile.mkdtemp(prefix="castling-float-onnx-")) / name
+        shutil.copy2(path, keep)
+        sess.shared["float_onnx"] = (keep, info, stage)
     outcome.info["export"] = info
-    stage = sess.verify("export", f"ONNX fp32 ({path.name})", OrtRunner(path), precision="fp32")
     outcome.stages.append(stage)
     outcome.artifacts.append({"file": name, "precision": "fp32", "runtime": "onnxruntime / any ONNX runtime"})
     return path
