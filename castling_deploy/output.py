@@ -55,22 +55,46 @@ def remove_orphaned_staging(parent: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so cleanup code runs on `kill` as on Ctrl-C."""
+# Paths to remove if the process is interrupted: staging folders and run-scoped temporary folders.
+_CLEANUP: set[Path] = set()
+# Where the interrupt message goes while fd 2 is redirected (quiet.py sets it during a build).
+real_stderr_fd: list[int] = [2]
 
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
 
+def register_cleanup(path: Path) -> None:
+    _CLEANUP.add(Path(path))
+
+
+def unregister_cleanup(path: Path) -> None:
+    _CLEANUP.discard(Path(path))
+
+
+def _on_interrupt(signum: int, frame: Any) -> None:
+    """Remove what is half-written and leave at once. Unwinding a KeyboardInterrupt through a running converter
+    (torch.onnx, coremltools, TFLite's MLIR) has crashed the interpreter (SIGSEGV) before its cleanup ran."""
+    for p in list(_CLEANUP):
+        shutil.rmtree(p, ignore_errors=True)
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
+        os.write(real_stderr_fd[0], b"\ninterrupted: nothing half-written was left behind\n")
+    except OSError:
+        pass
+    os._exit(130)
+
+
+@contextlib.contextmanager
+def interrupts_clean_up() -> Iterator[None]:
+    """While a build runs, Ctrl-C and `kill` (SIGINT/SIGTERM) remove the registered paths and exit 130."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    try:
+        previous = [signal.signal(s, _on_interrupt) for s in signals]
+    except ValueError:  # not the main thread: exceptions still clean up through staged_dir
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, prev in zip(signals, previous):
+            signal.signal(s, prev)
 
 
 @contextlib.contextmanager
@@ -80,11 +104,14 @@ def staged_dir(final: Path) -> Iterator[Path]:
     parent = ensure_writable_dir(final.parent)
     remove_orphaned_staging(parent)
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=f"{STAGING_PREFIX}{os.getpid()}-{final.name}-"))
+    register_cleanup(staging)
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        unregister_cleanup(staging)
     _normalize_modes(staging)
     old = None
     if final.exists():

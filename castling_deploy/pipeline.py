@@ -24,7 +24,7 @@ from .fold import FoldRefused, FoldReport, fold_model, format_fold_report, predi
 from .models.checkpoint import Checkpoint, load_checkpoint
 from .models.vit import CastlingViT
 from .quiet import quiet_native_output
-from .output import sigterm_as_interrupt, staged_dir, to_jsonable, write_json
+from .output import interrupts_clean_up, unregister_cleanup, staged_dir, to_jsonable, write_json
 from .runtime.base import Runner, run_batched
 from .verify import DEFAULT_TOLERANCE_POINTS, FLOAT_ATOL, StageResult, check_stage, format_budget
 
@@ -233,7 +233,7 @@ def build_target(sess: ExportSession, target: str) -> tuple[Path, dict[str, Any]
     builder: Callable[[ExportSession, Path], TargetOutcome] = getattr(importlib.import_module(module_name), func_name)
     final = Path(sess.opts.out) / sess.model_name / target
     t0 = time.perf_counter()
-    with sigterm_as_interrupt(), staged_dir(final) as work:
+    with interrupts_clean_up(), staged_dir(final) as work:
         with quiet_native_output(not sess.opts.verbose):
             outcome = builder(sess, work)
         budget = _budget(sess, outcome)
@@ -332,6 +332,7 @@ def run_export(ckpt_path: Path | None, opts: ExportOptions) -> list[dict[str, An
     finally:
         for item in sess.shared.values():
             shutil.rmtree(Path(item[0]).parent, ignore_errors=True)
+            unregister_cleanup(Path(item[0]).parent)
     return reports
 
 

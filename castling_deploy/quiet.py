@@ -60,6 +60,9 @@ def _captured() -> Iterator[None]:
     handlers = [h for h in logging.getLogger("castling_deploy").handlers if isinstance(h, logging.StreamHandler)]
     previous = [h.setStream(real_err) for h in handlers]
     captured = tempfile.TemporaryFile()
+    from .output import real_stderr_fd
+
+    real_stderr_fd[0] = real_err.fileno()
     os.dup2(captured.fileno(), 1)
     os.dup2(captured.fileno(), 2)
     failed = False
@@ -71,6 +74,7 @@ def _captured() -> Iterator[None]:
     finally:
         sys.__stdout__.flush()
         sys.stderr.flush()
+        real_stderr_fd[0] = 2
         os.dup2(saved_out, 1)
         os.dup2(saved_err, 2)
         os.close(saved_out)

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..export_onnx import export_onnx
 from ..fold import predict
+from ..output import register_cleanup
 from ..pipeline import ExportSession, TargetOutcome
 from ..runtime.ort import OrtRunner
 
@@ -35,6 +36,7 @@ def export_float(sess: ExportSession, work: Path, outcome: TargetOutcome, name: 
                            opset=sess.opts.opset, metadata=sess.metadata)
         stage = sess.verify("export", f"ONNX fp32 ({path.name})", OrtRunner(path), precision="fp32")
         keep = Path(tempfile.mkdtemp(prefix="castling-float-onnx-")) / name
+        register_cleanup(keep.parent)
         shutil.copy2(path, keep)
         sess.shared["float_onnx"] = (keep, info, stage)
     outcome.info["export"] = info
