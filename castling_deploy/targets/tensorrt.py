@@ -23,7 +23,7 @@ INPUT_NAME = "images"
 def _import_tensorrt() -> Any:
     try:
         import tensorrt as trt
-    except ImportError as exc:
+    except (ImportError, OSError) as exc:  # OSError: a placeholder wheel or missing CUDA libraries
         raise MissingDependencyError("tensorrt", "tensorrt", "engine building") from exc
     return trt
 

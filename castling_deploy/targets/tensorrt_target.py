@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import MissingDependencyError, UsageError
 from ..pipeline import ExportSession, TargetOutcome
 from .onnx_target import export_float, quantize_int8
-from .tensorrt import build_engine, qdq_tensorrt_problems, trtexec_command
+from .tensorrt import _import_tensorrt, build_engine, qdq_tensorrt_problems, trtexec_command
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,8 @@ def _precision(int8: bool, fp16: bool) -> str:
 def tensorrt_available() -> bool:
     """Importable, not merely present: a placeholder wheel or missing CUDA libraries fail at import."""
     try:
-        import tensorrt  # noqa: F401
-    except (ImportError, OSError):
+        _import_tensorrt()
+    except MissingDependencyError:
         return False
     return True
 
@@ -99,8 +99,7 @@ def build_engine_for_export(folder: Path, *, precision: str | None = None,
     report = json.loads(report_path.read_text())
     if report.get("target") != "tensorrt":
         raise UsageError(f"{folder}: this export is for target {report.get('target')!r}, not tensorrt")
-    if not tensorrt_available():
-        raise MissingDependencyError("tensorrt", "tensorrt", "engine building")
+    _import_tensorrt()  # exit 4 before touching the folder when TensorRT is absent
     info = report.get("target_info", {})
     precision = precision or info.get("precision", "fp16")
     onnx_path = Path(folder) / info.get("onnx_for_engine", "model.onnx")
