@@ -14,13 +14,12 @@ import json
 import logging
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from castling_deploy.export_onnx import export_onnx
+from castling_deploy.targets.onnx.convert import export_onnx
 from castling_deploy.models import create_model
 from castling_deploy.quantize import CalibrationSet, QuantRecipe, onnx_census, quantize_onnx
 from castling_deploy.quantize.recipe import DEFAULT_INT8_KINDS
@@ -30,13 +29,9 @@ from castling_deploy.runtime.ort import OrtRunner
 
 
 def latency_ms(runner: OrtRunner, x: np.ndarray, runs: int, warmup: int) -> dict[str, float]:
-    for _ in range(warmup):
-        runner.run(x)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        runner.run(x)
-        times.append((time.perf_counter() - t) * 1e3)
+    from castling_deploy.profiling.timer import time_interleaved
+
+    (times,) = time_interleaved([lambda: runner.run(x)], runs, warmup)
     return {"p50_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)), "min_ms": float(min(times))}
 
 

@@ -57,20 +57,9 @@ def _time_interleaved(
     runners: list[Any], x: np.ndarray, runs: int, warmup: int, rounds: int
 ) -> list[np.ndarray]:
     """Latency samples (ms) per runner; ``runs`` split over ``rounds`` passes across all runners."""
-    for r in runners:
-        for _ in range(warmup):
-            r.run(x)
-    rounds = max(1, min(rounds, runs))
-    per_round = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
-    samples: list[list[float]] = [[] for _ in runners]
-    for k, n in enumerate(per_round):
-        for i, r in enumerate(runners):
-            for _ in range(n):
-                t = time.perf_counter()
-                r.run(x)
-                samples[i].append((time.perf_counter() - t) * 1000.0)
-        log.info("timing round %d/%d done", k + 1, rounds)
-    return [np.asarray(s) for s in samples]
+    from castling_deploy.profiling.timer import time_interleaved
+
+    return time_interleaved([(lambda r=r: r.run(x)) for r in runners], runs, warmup, rounds)
 
 
 def _table(result: dict[str, Any]) -> str:
@@ -112,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from castling_deploy.export_onnx import export_onnx
+    from castling_deploy.targets.onnx.convert import export_onnx
     from castling_deploy.models import create_model
     from castling_deploy.runtime.litert import LiteRTRunner
     from castling_deploy.runtime.ort import OrtRunner
-    from castling_deploy.targets.tflite import _version, convert_tflite
+    from castling_deploy.targets.tflite.convert import _version, convert_tflite
 
     t_start = time.perf_counter()
     torch.manual_seed(0)

@@ -105,7 +105,7 @@ def _bench_model(arch: str, size: int, args: argparse.Namespace, tmp: Path) -> d
     import onnx
     import torch
 
-    from castling_deploy.export_onnx import export_onnx
+    from castling_deploy.targets.onnx.convert import export_onnx
     from castling_deploy.models import create_model
     from castling_deploy.quantize.calibration import CalibrationSet
     from castling_deploy.quantize.graph import classify_nodes, depth_of

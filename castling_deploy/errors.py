@@ -1,4 +1,4 @@
-"""Our error hierarchy. The CLI maps each class to an exit code (DESIGN.md) and prints one line."""
+"""Our error hierarchy. The CLI maps each class to an exit code (docs/architecture.md) and prints one line."""
 from __future__ import annotations
 
 
@@ -20,6 +20,15 @@ class CheckpointError(UsageError):
 
 class DataError(UsageError):
     """An image set that is empty, unreadable or too small."""
+
+
+class MetadataError(UsageError):
+    """Untrusted metadata (a checkpoint's or a package manifest's config, preprocess, labels, free-form records)
+    that is malformed or outside the bounds in ``castling_deploy.limits``; the message names the field."""
+
+
+class DiskFullError(CastlingError):
+    """No space left on a device while writing an artifact, a temporary file or a cache entry (exit 1)."""
 
 
 class ToleranceError(CastlingError):

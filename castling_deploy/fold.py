@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from .data import ImageSet
-from .errors import ToleranceError
+from .errors import CheckpointError, ToleranceError
 from .models.macs import count_macs, count_params
 from .models.vit import CastlingViT
-from .verify import DEFAULT_TOLERANCE_POINTS, StageResult, check_stage
+from .budget import DEFAULT_TOLERANCE_POINTS, StageResult, check_stage
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,10 @@ def fold_model(
     blocks = branch_ratios(model, data.images)
     ref = predict(model, data.images)
     out = predict(folded, data.images)
+    if not (np.isfinite(ref).all() and np.isfinite(out).all()):
+        # Finite weights (checked at load) that still overflow: nothing downstream could be verified.
+        raise CheckpointError(f"the model produces NaN/Inf logits on {data.source}; its weights overflow float32, "
+                              "refusing to fold (even with --force)")
     stage = check_stage(
         "fold", "training form", "folded (deploy form)", f"torch {torch.__version__} CPU", ref, out, data.labels,
         tolerance_points=tolerance_points, min_agreement=MIN_FOLD_AGREEMENT,

@@ -11,7 +11,7 @@ pytest.importorskip("coremltools")
 
 from castling_deploy.models import create_model  # noqa: E402
 from castling_deploy.runtime.coreml import MILInterpreterRunner, compare_executors, load_coreml_runner  # noqa: E402
-from castling_deploy.targets.coreml import ane_report, convert_coreml, coreml_census, image_preprocessing  # noqa: E402
+from castling_deploy.targets.coreml.convert import ane_report, convert_coreml, coreml_census, image_preprocessing  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

@@ -15,7 +15,7 @@ import onnx
 import pytest
 import torch
 
-from castling_deploy.export_onnx import read_onnx_metadata
+from castling_deploy.targets.onnx.convert import read_onnx_metadata
 from castling_deploy.fold import fold_softmax_branch, predict
 from castling_deploy.models import create_model
 from castling_deploy.models.checkpoint import load_checkpoint
@@ -104,7 +104,7 @@ def _perturb_one_weight(real_export):
 
 
 def test_broken_artifact_fails_with_exit_3_and_a_failed_report(runner, tmp_path: Path, monkeypatch) -> None:
-    import castling_deploy.targets.onnx_target as onnx_target
+    import castling_deploy.targets.onnx.target as onnx_target
 
     monkeypatch.setattr(onnx_target, "export_onnx", _perturb_one_weight(onnx_target.export_onnx))
     r = invoke(runner, "export", "-o", tmp_path, "--json")
@@ -132,7 +132,7 @@ def test_unwritable_output_exits_2_and_leaves_nothing(runner, tmp_path: Path) ->
 
 
 def test_interrupt_mid_export_leaves_no_artifact(runner, tmp_path: Path, monkeypatch) -> None:
-    import castling_deploy.targets.onnx_target as onnx_target
+    import castling_deploy.targets.onnx.target as onnx_target
 
     def export_then_interrupt(model, path, *a, **kw):
         Path(path).write_bytes(b"half")

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from castling_deploy.export_onnx import export_onnx
+from castling_deploy.targets.onnx.convert import export_onnx
 from castling_deploy.quantize.calibration import CalibrationSet
 from castling_deploy.quantize.ort_int8 import quantize_onnx
 from castling_deploy.quantize.recipe import QuantRecipe
-from castling_deploy.verify import logit_metrics
+from castling_deploy.budget import logit_metrics
 
 pytestmark = pytest.mark.slow
 

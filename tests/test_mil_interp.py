@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from castling_deploy.targets.mil_interp import OPS
+from castling_deploy.runtime.mil_interp import OPS
 
 RNG = np.random.default_rng(0)
 
@@ -79,7 +79,7 @@ def test_fp32_program_matches_torch(tmp_path, attention: str) -> None:
     """A whole converted program (softmax baseline included) through the interpreter vs torch."""
     ct = pytest.importorskip("coremltools")
     from castling_deploy.models import create_model
-    from castling_deploy.targets.mil_interp import MILProgram, op_histogram, run_mlpackage
+    from castling_deploy.runtime.mil_interp import MILProgram, op_histogram, run_mlpackage
 
     torch.manual_seed(0)
     m = create_model("castling_nano", form="deploy", attention=attention).eval()
@@ -110,7 +110,7 @@ def test_fp32_program_matches_torch(tmp_path, attention: str) -> None:
 
 def test_unknown_op_is_named(tmp_path) -> None:
     from castling_deploy.errors import UsageError
-    from castling_deploy.targets import mil_interp
+    from castling_deploy.runtime import mil_interp
 
     class FakeOp:
         type = "frobnicate"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from castling_deploy.errors import ToleranceError, UsageError
-from castling_deploy.package import (
+from castling_deploy.packaging import (
     create_package,
     format_manifest,
     format_verify_result,
@@ -48,7 +48,12 @@ def _target(root: Path, target: str, precision: str, acc: float, *, seed: int, s
     w, b = tiny_onnx(tdir / "model.onnx", seed=seed)
     report = {
         "schema": "castling-deploy/report/1",
+        "schema_version": 2,
         "status": status,
+        "failures": [] if status == "passed" else ["int8: top-1 drop too large"],
+        "created": "2026-01-01T00:00:00Z",
+        "input": {"name": "images", "shape": ["batch", 3, 8, 8], "dtype": "float32", "layout": "NCHW"},
+        "target_info": {},
         "tool": {"name": "castling-deploy", "version": "0.1.0"},
         "runtime_versions": {"onnxruntime": "1.32.0"},
         "checkpoint": {"path": "/ckpt/demo.safetensors", "sha256": "ab" * 32, "arch": "castling_nano",
@@ -60,7 +65,8 @@ def _target(root: Path, target: str, precision: str, acc: float, *, seed: int, s
         "labels": [f"class{i}" for i in range(10)],
         "fold": {"agreement": 1.0},
         "artifacts": [{"file": "model.onnx", "sha256": _sha(tdir / "model.onnx"),
-                       "bytes": (tdir / "model.onnx").stat().st_size, "precision": precision}],
+                       "bytes": (tdir / "model.onnx").stat().st_size, "precision": precision,
+                       "runtime": "onnxruntime", "verified_by": "export" if precision == "fp32" else precision}],
         "data": {"val": {"digest": "cd" * 32, "count": N_VAL, "source": "calib/val"}, "calib": None},
         "quantization": {"recipe": "qdq-minmax"} if precision == "int8" else None,
         "error_budget": [
@@ -77,7 +83,8 @@ def _target(root: Path, target: str, precision: str, acc: float, *, seed: int, s
     }
     if precision == "int8":  # a helper file listed as an artifact, as the TensorRT target does
         (tdir / "build_engine.sh").write_text("#!/bin/sh\ntrtexec --onnx=model.onnx --int8\n")
-        report["artifacts"].append({"file": "build_engine.sh", "precision": "int8", "runtime": "shell"})
+        report["artifacts"].append({"file": "build_engine.sh", "precision": "int8", "runtime": "shell",
+                                    "verified_by": None})
     (tdir / "report.json").write_text(json.dumps(report))
     return w, b
 
@@ -291,16 +298,22 @@ def test_corrupt_member_data_is_a_usage_error(export_dir, tmp_path: Path) -> Non
     assert not (tmp_path / "out").exists()
 
 
-def test_recorded_stage_matching() -> None:
-    from castling_deploy.packaging.manifest import _recorded_stage
+def test_recorded_accuracy_follows_the_verifying_stage_id() -> None:
+    """Each artifact names the budget stage that measured it; the manifest never guesses from file names."""
+    from castling_deploy.packaging.manifest import _recorded_accuracy
+    from castling_deploy.report import ArtifactRecord, Report
+    from castling_deploy.budget import StageResult
 
-    budget = [{"stage": "fold", "candidate": "folded (deploy form)"},
-              {"stage": "export", "candidate": "ONNX fp32 (model.onnx)"},
-              {"stage": "int8", "candidate": "ONNX INT8 QDQ (model.int8.onnx)"}]
-    report = {"error_budget": budget}
-    assert _recorded_stage(report, {"file": "model.onnx"})["stage"] == "export"  # not fooled by model.int8.onnx
-    assert _recorded_stage(report, {"file": "model.int8.onnx"})["stage"] == "int8"
-    assert _recorded_stage(report, {"file": "x.tflite", "precision": "fp32"})["stage"] == "export"
-    assert _recorded_stage(report, {"file": "x.tflite", "precision": "fp16"}) is None  # ambiguous: no guess
-    assert _recorded_stage({"error_budget": budget[:2]}, {"file": "y.tflite"})["stage"] == "export"
-    assert _recorded_stage({"error_budget": budget[:1]}, {"file": "x.onnx"}) is None
+    rep = Report(model_name="m", target="onnx", checkpoint={}, options={}, preprocess={}, labels=None, input={},
+                 fold={}, data={}, goals={"tolerance_points": 0.5}, runtime_versions={}, tool={})
+    sid_fold = rep.add_stage(StageResult("fold", "a", "b", "torch", {"top1_acc": 98.0}))
+    sid_exp = rep.add_stage(StageResult("export", "a", "model.onnx", "ort", {"top1_acc": 97.0}))
+    sid_int8 = rep.add_stage(StageResult("int8", "a", "model.int8.onnx", "ort", {"top1_acc": 96.5},
+                                         {"max_top1_drop_points": 1.0}))
+    sid_dup = rep.add_stage(StageResult("int8", "a", "again", "ort", {"top1_acc": 90.0}))
+    assert (sid_fold, sid_exp, sid_int8, sid_dup) == ("fold", "export", "int8", "int8-2")  # ids stay unique
+    assert _recorded_accuracy(rep, ArtifactRecord("model.onnx", "fp32", "ort", "export"))["top1_acc"] == 97.0
+    rec = _recorded_accuracy(rep, ArtifactRecord("model.int8.onnx", "int8", "ort", "int8"))
+    assert rec["top1_acc"] == 96.5 and rec["tolerance_points"] == 1.0
+    assert _recorded_accuracy(rep, ArtifactRecord("model.int8.onnx", "int8", "ort", "int8-2"))["top1_acc"] == 90.0
+    assert _recorded_accuracy(rep, ArtifactRecord("build_engine.sh", "script", "sh", None)) is None

@@ -18,7 +18,7 @@ from castling_deploy.runtime.ort import OrtRunner
 
 
 def _export(model: torch.nn.Module, path: Path, size: int, simplify: bool = True) -> Path:
-    from castling_deploy.export_onnx import export_onnx
+    from castling_deploy.targets.onnx.convert import export_onnx
 
     export_onnx(model, path, size, simplify=simplify)
     return path

@@ -30,7 +30,7 @@ def test_demo_tflite_fp32_fp16_int8(runner, tmp_path: Path) -> None:
     assert report["quantization"]["census"]["tensor_dtypes"].get("int8", 0) > 50
     files = {a["file"] for a in report["artifacts"]}
     assert files == {"model.tflite", "model.fp16.tflite", "model.int8.tflite"}
-    from castling_deploy.targets.tflite import read_tflite_metadata
+    from castling_deploy.targets.tflite.convert import read_tflite_metadata
 
     meta = read_tflite_metadata(tmp_path / "castling_nano_digits" / "tflite" / "model.int8.tflite")
     assert meta["architecture"] == "castling_nano" and json.loads(meta["labels"])[3] == "3"
@@ -89,9 +89,9 @@ def test_missing_optional_runtime_exits_4(runner, tmp_path: Path, monkeypatch, t
 
 
 def test_bad_flag_combinations_exit_2(runner, tmp_path: Path) -> None:
-    for args, needle in [(["--target", "onnx", "--full-integer"], "--full-integer needs"),
-                         (["--target", "tflite", "--io-dtype", "int8", "--int8"], "--io-dtype int8 applies"),
-                         (["--target", "onnx", "--weights-only", "--int8"], "--weights-only needs"),
+    for args, needle in [(["--target", "onnx", "--full-integer"], "--full-integer applies only to --target tflite"),
+                         (["--target", "tflite", "--io-dtype", "int8", "--int8"], "--io-dtype applies only with --full-integer"),
+                         (["--target", "onnx", "--weights-only", "--int8"], "--weights-only applies only to --target coreml"),
                          (["--auto-fallback"], "need --int8"),
                          (["--tolerance", "-1"], "--tolerance")]:
         r = invoke(runner, "export", *args, "-o", tmp_path)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from castling_deploy.errors import MissingDependencyError, UsageError
-from castling_deploy.targets.tensorrt import build_engine, qdq_tensorrt_problems, trtexec_command
+from castling_deploy.targets.tensorrt.engine import build_engine, qdq_tensorrt_problems, trtexec_command
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -35,7 +35,7 @@ def test_trtexec_command_line() -> None:
 
 @pytest.fixture(scope="module")
 def qdq_models(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from castling_deploy.export_onnx import export_onnx
+    from castling_deploy.targets.onnx.convert import export_onnx
     from castling_deploy.models import create_model
     from castling_deploy.quantize import CalibrationSet, QuantRecipe, quantize_onnx
 

@@ -14,7 +14,7 @@ pytest.importorskip("ai_edge_litert")
 from castling_deploy.errors import MissingDependencyError, UsageError  # noqa: E402
 from castling_deploy.models import create_model  # noqa: E402
 from castling_deploy.runtime.litert import LiteRTRunner  # noqa: E402
-from castling_deploy.targets.tflite import convert_tflite, read_tflite_metadata, tflite_census  # noqa: E402
+from castling_deploy.targets.tflite.convert import convert_tflite, read_tflite_metadata, tflite_census  # noqa: E402
 
 IMG = 32
 META = {"preprocessing": '{"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}', "labels": "cat,dog,é", "tool": "0.1.0"}

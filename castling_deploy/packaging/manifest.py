@@ -6,30 +6,27 @@ rendered twice: as ``manifest.json`` for tools and as a short ``README.md`` for 
 from __future__ import annotations
 
 import hashlib
-import json
-import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..digest import file_sha256
 from ..errors import ToleranceError, UsageError
+from ..report import ArtifactRecord, Report, load_report
+from ..budget import DEFAULT_TOLERANCE_POINTS
 
 SCHEMA = "castling-deploy/manifest/1"
 MANIFEST = "manifest.json"
 README = "README.md"
-DEFAULT_TOLERANCE_POINTS = 0.5
-
-RUNTIME_FOR_SUFFIX = {
-    ".onnx": "ONNX Runtime (any OS; also the TensorRT/ModelOpt builder input)",
-    ".engine": "TensorRT (only the GPU model + TensorRT version it was built with)",
-    ".plan": "TensorRT (only the GPU model + TensorRT version it was built with)",
-    ".mlpackage": "Core ML (iOS 17+/macOS 14+; drag into Xcode)",
-    ".tflite": "LiteRT / TFLite (Android, embedded Linux; XNNPACK delegate on CPU)",
-}
-
-
 
 sha256_file = file_sha256
+
+
+def describe_runtime(path: Path) -> str:
+    from ..runtime import RUNTIMES
+
+    spec = RUNTIMES.get(path.suffix.lower())
+    return spec.description if spec else "-"
 
 
 def _tree_digest(entries: dict[str, str]) -> str:
@@ -63,35 +60,16 @@ def collect_files(target_dir: Path) -> list[Path]:
     return out
 
 
-def _recorded_stage(report: dict, artifact: dict) -> dict | None:
-    """The error-budget stage that measured this artifact: by file name, else by precision, else the last."""
-    stages = [s for s in report.get("error_budget") or [] if isinstance(s, dict)]
-    name = Path(str(artifact.get("file", ""))).name
-    pattern = re.compile(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])") if name else None
-    for s in stages:
-        if pattern and pattern.search(f"{s.get('candidate', '')} {s.get('artifact', '')}"):
-            return s
-    prec = str(artifact.get("precision", "")).lower()
-    wanted = {"fp32": ("fp32", "export"), "float32": ("fp32", "export")}.get(prec, (prec,) if prec else ())
-    for s in stages:
-        if any(w in str(s.get("stage", "")).lower() for w in wanted):
-            return s
-    artifact_stages = [s for s in stages if s.get("stage") != "fold"]
-    return artifact_stages[0] if len(artifact_stages) == 1 else None  # never guess between several
-
-
-def _recorded_accuracy(report: dict, artifact: dict) -> dict | None:
-    stage = _recorded_stage(report, artifact)
+def _recorded_accuracy(report: Report, artifact: ArtifactRecord) -> dict | None:
+    """What the stage that verified this artifact (its ``verified_by`` id) measured; None when no stage did."""
+    stage = report.stage(artifact.verified_by)
     if stage is None:
         return None
-    m = stage.get("metrics") or stage
-    goals = stage.get("goals") or {}
-    tol = goals.get("max_top1_drop_points")
-    if tol is None:
-        tol = (report.get("goals") or {}).get("tolerance_points", (report.get("options") or {}).get("tolerance"))
+    m = stage.metrics
+    tol = stage.goals.get("max_top1_drop_points", report.goals.get("tolerance_points"))
     rec = {
-        "stage": stage.get("stage"),
-        "executor": stage.get("executor"),
+        "stage": stage.id,
+        "executor": stage.executor,
         "n": m.get("n"),
         "top1_acc": m.get("top1_acc"),
         "float_top1_acc": m.get("ref_top1_acc"),
@@ -100,7 +78,7 @@ def _recorded_accuracy(report: dict, artifact: dict) -> dict | None:
         "cosine": m.get("cosine"),
         "max_abs_logit": m.get("max_abs_logit"),
         "tolerance_points": float(tol) if tol is not None else DEFAULT_TOLERANCE_POINTS,
-        "passed": stage.get("passed"),
+        "passed": stage.passed,
     }
     return {k: v for k, v in rec.items() if v is not None}
 
@@ -112,58 +90,44 @@ def build_manifest(export_dir: Path, *, allow_failed: bool = False) -> tuple[dic
     targets: list[dict] = []
     common: dict[str, Any] = {}
     for tdir in _find_target_dirs(export_dir):
-        try:
-            report = json.loads((tdir / "report.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UsageError(f"{tdir / 'report.json'}: unreadable report ({exc})") from exc
-        if report.get("status") != "passed" and not allow_failed:
-            raise ToleranceError(f"{tdir}: export report status is {report.get('status')!r}; refusing to package "
+        report = load_report(tdir / "report.json")
+        if report.status != "passed" and not allow_failed:
+            raise ToleranceError(f"{tdir}: export report status is {report.status!r}; refusing to package "
                                  "an artifact that failed verification", str(tdir / "report.json"))
         for key in ("model_name", "checkpoint", "preprocess", "labels"):
-            value = report.get(key)
+            value = getattr(report, key)
             if key in common and value != common[key]:
                 raise UsageError(f"{tdir}: {key} differs from the other targets; package one model per archive")
             common[key] = value
-        common.setdefault("input", report.get("input"))
+        common.setdefault("input", report.input)
         prefix = tdir.name
         for f in collect_files(tdir):
             members[f"{prefix}/{f.relative_to(tdir).as_posix()}"] = f
         artifacts = []
-        for a in report.get("artifacts") or []:
-            src = tdir / str(a["file"])
+        for a in report.artifacts:
+            src = tdir / a.file
             if not src.exists():
                 raise UsageError(f"{src}: listed in report.json but missing; re-run the export")
-            runtime = a.get("runtime") or RUNTIME_FOR_SUFFIX.get(src.suffix.lower(), "-")
-            entry = {**a, "file": f"{prefix}/{a['file']}", "runtime": runtime}
+            runtime = a.runtime or describe_runtime(src)
+            entry = {**{k: v for k, v in asdict(a).items() if v is not None}, "file": f"{prefix}/{a.file}",
+                     "runtime": runtime}
             if src.is_dir():
                 files = {p.relative_to(src).as_posix(): sha256_file(p) for p in collect_files(src)}
                 entry.update(directory=True, tree_sha256=_tree_digest(files), bytes=sum(
                     p.stat().st_size for p in collect_files(src)))
             else:
                 digest = sha256_file(src)
-                if a.get("sha256") and a["sha256"] != digest:
+                if a.sha256 and a.sha256 != digest:
                     raise ToleranceError(f"{src}: sha256 differs from report.json; the file changed after it was "
                                          "verified — re-run the export", str(tdir / "report.json"))
                 entry.update(sha256=digest, bytes=src.stat().st_size)
             entry["recorded"] = _recorded_accuracy(report, a)
             artifacts.append(entry)
-        targets.append({
-            "target": report.get("target", prefix),
-            "folder": prefix,
-            "status": report.get("status"),
-            "report": f"{prefix}/report.json",
-            "input": report.get("input"),
-            "artifacts": artifacts,
-            "options": report.get("options"),
-            "fold": report.get("fold"),
-            "quantization": report.get("quantization"),
-            "data": report.get("data"),
-            "error_budget": report.get("error_budget"),
-            "goals": report.get("goals"),
-            "latency": report.get("latency"),
-            "tool": report.get("tool"),
-            "runtime_versions": report.get("runtime_versions"),
-        })
+        d = report.to_dict()
+        targets.append({"target": report.target, "folder": prefix, "status": report.status,
+                        "report": f"{prefix}/report.json", "input": report.input, "artifacts": artifacts,
+                        **{k: d[k] for k in ("options", "fold", "quantization", "data", "error_budget", "goals",
+                                             "latency", "tool", "runtime_versions")}})
     from .. import __version__
 
     pre = common.get("preprocess") or {}

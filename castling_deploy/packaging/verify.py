@@ -13,7 +13,8 @@ import numpy as np
 
 from ..errors import MissingDependencyError, ToleranceError, UsageError
 from .archive import MAX_MEMBER_BYTES, MAX_TOTAL_BYTES, Archive, check_members, extract_members, read_manifest
-from .manifest import DEFAULT_TOLERANCE_POINTS, MANIFEST, sha256_file
+from ..budget import DEFAULT_TOLERANCE_POINTS
+from .manifest import MANIFEST, sha256_file
 
 
 def _check_files(dest: Path, manifest: dict) -> dict:

@@ -4,19 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import MissingDependencyError
+from ..optional import import_optional
 from ..output import atomic_path
 
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise MissingDependencyError("matplotlib", "profile", "latency charts") from exc
-    return plt
+    matplotlib = import_optional("matplotlib", "matplotlib", "profile", "latency charts")
+    matplotlib.use("Agg", force=True)
+    return import_optional("matplotlib.pyplot", "matplotlib", "profile", "latency charts")
 
 
 def _save_atomic(fig: Any, path: Path) -> Path:

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import UsageError
 from .progress import ProgressBar
+from .timer import time_interleaved
 
 SCHEMA = "castling-deploy/profile/1"
 SEED = 0
@@ -150,17 +151,9 @@ def profile_artifact(
     shape = (batch, *shape[1:])
     x = np.random.default_rng(SEED).standard_normal(shape, dtype=np.float32)
 
-    lat = np.empty(runs, dtype=np.float64)
     with RssSampler() as run_mem, ProgressBar(warmup + runs, f"profiling {path.name}", enabled=progress) as bar:
-        for _ in range(warmup):
-            out = runner.run(x)
-            bar.update()
-        for i in range(runs):
-            t = time.perf_counter()
-            out = runner.run(x)
-            lat[i] = (time.perf_counter() - t) * 1000.0
-            bar.update()
-    lat_ms = lat
+        (lat_ms,) = time_interleaved([lambda: runner.run(x)], runs, warmup, on_call=bar.update)
+    out = runner.run(x)
 
     result: dict[str, Any] = {
         "schema": SCHEMA,

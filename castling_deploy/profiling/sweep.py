@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import UsageError
 from .progress import ProgressBar
+from .timer import time_interleaved
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def profile_sweep(
     Each row has the latency p50/mean, MACs, export seconds and their ratios to the smallest size. Timing runs
     in ``rounds`` interleaved rounds over all artifacts (see phase 2).
     """
-    from ..export_onnx import export_onnx
+    from ..targets.onnx.convert import export_onnx
     from ..models.macs import count_macs, count_params
     from ..runtime import load_runner
     from .latency import latency_stats
@@ -96,21 +97,9 @@ def profile_sweep(
         r["load_ms"] = round((time.perf_counter() - t0) * 1000.0, 1)
         inputs.append(np.random.default_rng(0).standard_normal((1, r["in_chans"], r["img_size"], r["img_size"]),
                                                                dtype=np.float32))
-    samples: list[list[float]] = [[] for _ in all_rows]
-    rounds = max(1, min(rounds, runs))
-    per_round = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
     with ProgressBar(len(all_rows) * (warmup + runs), "sweep", enabled=progress) as bar:
-        for runner, x in zip(runners, inputs):
-            for _ in range(warmup):
-                runner.run(x)
-                bar.update()
-        for n in per_round:
-            for i, (runner, x) in enumerate(zip(runners, inputs)):
-                for _ in range(n):
-                    t = time.perf_counter()
-                    runner.run(x)
-                    samples[i].append((time.perf_counter() - t) * 1000.0)
-                    bar.update()
+        calls = [(lambda r=runner, x=x: r.run(x)) for runner, x in zip(runners, inputs)]
+        samples = time_interleaved(calls, runs, warmup, rounds, on_call=bar.update)
     for r, s in zip(all_rows, samples):
         st = latency_stats(np.asarray(s), 1)
         r.update(latency_ms_p50=st["p50"], latency_ms_mean=st["mean"], latency_ms_std=st["std"],

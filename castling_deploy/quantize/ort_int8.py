@@ -8,16 +8,19 @@ only when ``modelopt`` imports and never by default (its extras pin other onnx/o
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from ..errors import CastlingError, MissingDependencyError, UsageError
+from ..errors import CastlingError, DiskFullError, UsageError
+from ..optional import import_optional
 from .calibration import CalibrationCache, CalibrationReader, CalibrationSet, file_digest
 from .graph import classify_nodes, depth_of
 from .recipe import QuantRecipe
@@ -25,11 +28,72 @@ from .recipe import QuantRecipe
 log = logging.getLogger(__name__)
 
 RECIPE_METADATA_KEY = "castling_deploy.quant_recipe"
+# Below this much free space, a file we just wrote that reads back corrupt is taken to be a full disk.
+LOW_SPACE_BYTES = 64 << 20
+_NO_SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _free_bytes(folder: Path) -> int | None:
+    for p in (folder, *folder.parents):
+        try:
+            return shutil.disk_usage(p).free
+        except OSError:
+            continue
+    return None
+
+
+def _is_decode_error(exc: BaseException) -> bool:
+    """A serialized model that did not parse back: protobuf's DecodeError, or ONNX Runtime's / onnx's wording."""
+    text = str(exc)
+    return (type(exc).__name__ in ("DecodeError", "InvalidProtobuf") or "Wire format" in text
+            or "Protobuf parsing failed" in text or "Error parsing message" in text)
+
+
+def disk_error(exc: BaseException, folders: list[Path]) -> DiskFullError | None:
+    """The one-line error for a write that failed for lack of space, or None when ``exc`` is something else.
+
+    ``OSError`` ENOSPC/EDQUOT is one directly. A file that parses back corrupt (protobuf ``DecodeError`` "Wire
+    format was corrupt", ORT's InvalidProtobuf) after a native writer silently truncated it is one when a folder
+    written to has less than LOW_SPACE_BYTES free. Must be called before temporary files are removed.
+    """
+    where: Path | None = None
+    text = str(exc).splitlines()[0][:120] if str(exc) else ""
+    if isinstance(exc, OSError) and (exc.errno in _NO_SPACE_ERRNOS or "No space left" in text):
+        name = exc.filename if isinstance(exc.filename, (str, bytes, os.PathLike)) else None
+        if name:
+            written = Path(os.fsdecode(name)).absolute()
+            where = next((f for f in folders if written.is_relative_to(f.absolute())), written.parent)
+        text = "No space left on device"
+    elif not ("No space left" in text or _is_decode_error(exc)):
+        return None
+    if where is None:
+        free = {f: _free_bytes(f) for f in folders}
+        low = [f for f, b in free.items() if b is not None and b < LOW_SPACE_BYTES]
+        if not low and "No space left" not in text:
+            return None  # a corrupt file on a disk with room: not ours to explain
+        where = min(low or folders, key=lambda f: free.get(f) or 0)
+    return DiskFullError(f"no space left on device ({where}) while quantizing ({type(exc).__name__}: {text}); "
+                         "free some space or write elsewhere (-o DIR; the calibration cache follows "
+                         "CASTLING_DEPLOY_CACHE)")
+
+
+@contextlib.contextmanager
+def _translate_disk_errors(*folders: Path) -> Iterator[None]:
+    """Re-raise a lack of space under ``folders`` as DiskFullError; anything else unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        err = disk_error(exc, list(folders))
+        if err is None:
+            raise
+        raise err from exc
 
 
 def _preprocess(src: Path, dst: Path) -> str:
     """Shape inference + ORT basic graph optimizations. Symbolic shape inference is skipped: it fails on
-    ReduceL2 at opset 18 (DESIGN.md). Returns what was done, for the report."""
+    ReduceL2 at opset 18 (docs/architecture.md). Returns what was done, for the report."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
@@ -53,10 +117,8 @@ def quantize_onnx(
     backend: str = "ort",
 ) -> dict[str, Any]:
     """Write an INT8 QDQ copy of ``fp32_onnx`` to ``out_path`` (atomically) and return a report dict:
-    recipe, which nodes went int8 / stayed float, calibration provenance (digest, size, cache hit), census."""
-    import onnx
-    import onnxruntime
-
+    recipe, which nodes went int8 / stayed float, calibration provenance (digest, size, cache hit), census.
+    A lack of disk space (for the artifact, its temporary files or the calibration cache) is a DiskFullError."""
     recipe = recipe or QuantRecipe()
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
     if not fp32_onnx.is_file():
@@ -71,13 +133,24 @@ def quantize_onnx(
     sub.check_batch(batch)
     model_digest = file_digest(fp32_onnx)
     cache = CalibrationCache(cache_dir)
+    with _translate_disk_errors(out_path.parent, cache.dir):
+        return _quantize_ort(fp32_onnx, out_path, sub, recipe, cache, model_digest, batch, preprocess, t0)
+
+
+def _quantize_ort(fp32_onnx: Path, out_path: Path, sub: CalibrationSet, recipe: QuantRecipe,
+                  cache: CalibrationCache, model_digest: str, batch: int, preprocess: bool, t0: float
+                  ) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+
     cache.dir.mkdir(parents=True, exist_ok=True)
     # Tensor names (the range keys) differ with and without pre-processing, so that is part of the key.
     calib_key = recipe.calibration_key() + (":pre" if preprocess else ":raw")
     ranges_path, hit = cache.entry(model_digest, sub.digest, recipe.calibration, calib_key)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quantize-") as tmp:
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quantize-") as tmp, \
+            _translate_disk_errors(out_path.parent, cache.dir):  # free space is measured before tmp is removed
         pre = Path(tmp) / "pre.onnx"
         if preprocess:
             pre_done = _preprocess(fp32_onnx, pre)
@@ -132,6 +205,7 @@ def quantize_onnx(
             "cache_file": str(ranges_path),
             "cache_hit": hit,
             "batches_run": reader.calls,
+            "batch": reader.batch_size,
         },
         "census": onnx_census(out_path),
         "seconds": round(time.perf_counter() - t0, 3),
@@ -220,10 +294,8 @@ def _quantize_modelopt(
     Only the calibration method and the excluded nodes of the recipe map onto it; ModelOpt chooses its own
     op placement (it also quantizes e.g. Add inputs where TensorRT fuses them).
     """
-    try:
-        from modelopt.onnx.quantization import quantize as mo_quantize
-    except ImportError as exc:
-        raise MissingDependencyError("nvidia-modelopt", "modelopt", "ModelOpt quantization") from exc
+    mo_quantize = import_optional("modelopt.onnx.quantization", "nvidia-modelopt", "modelopt",
+                                  "ModelOpt quantization").quantize
     import numpy as np
     import onnx
 

@@ -1,6 +1,6 @@
 """QuantRecipe: one description of "what runs in int8" shared by every backend (ORT QDQ, TensorRT, reports).
 
-Castling-aware choices (DESIGN.md; measured in benchmarks/bench_int8.py and tests/test_quantize.py):
+Castling-aware choices (docs/architecture.md; measured in benchmarks/bench_int8.py and tests/test_quantize.py):
 - int8: the patch Conv and the qkv / proj / fc1 / fc2 / head linears (>95% of the MACs), symmetric per-channel
   int8 weights and symmetric per-tensor int8 activations (zero point 0: TensorRT's explicit quantization
   accepts nothing else).

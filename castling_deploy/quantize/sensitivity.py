@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ..verify import logit_metrics as verify_logit_metrics
+from ..budget import accuracy_goal_failures
+from ..budget import logit_metrics as verify_logit_metrics
 from ..errors import UsageError
 from .calibration import CalibrationSet
 from .recipe import QuantRecipe
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def logit_metrics(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
-    """The verification metrics (castling_deploy.verify.logit_metrics) in the sweep's row format:
+    """The verification metrics (castling_deploy.budget.logit_metrics) in the sweep's row format:
     SQNR (dB), min/mean per-sample cosine, max |diff|, top-1 agreement, accuracy as fractions when labels exist."""
     v = verify_logit_metrics(ref, out, labels)
     m = {
@@ -42,9 +43,7 @@ def logit_metrics(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = 
 
 def meets_goal(metrics: dict[str, float], tolerance_points: float) -> bool:
     """Top-1 drop <= tolerance with labels; without labels, top-1 agreement >= 1 - tolerance/100."""
-    if "top1_drop_points" in metrics:
-        return metrics["top1_drop_points"] <= tolerance_points + 1e-9
-    return metrics["top1_agreement"] >= 1.0 - tolerance_points / 100.0 - 1e-9
+    return not accuracy_goal_failures(metrics.get("top1_drop_points"), metrics["top1_agreement"], tolerance_points)
 
 
 def _evaluate(

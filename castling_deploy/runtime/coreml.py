@@ -24,7 +24,7 @@ class _Base:
     path: str
 
     def __init__(self, path: str | Path) -> None:
-        from ..targets.mil_interp import load_spec
+        from .mil_interp import load_spec
 
         self.path = str(path)
         spec = load_spec(path)
@@ -43,7 +43,7 @@ class _Base:
             raise UsageError(f"{path}: image input without castling.mean/std metadata; cannot map normalized inputs")
 
     def pixels(self, x: np.ndarray) -> np.ndarray:
-        from ..targets.coreml import to_pixels
+        from .pixels import to_pixels
 
         return to_pixels(x, self.mean, self.std)
 
@@ -62,7 +62,7 @@ class MILInterpreterRunner(_Base):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__(path)
-        from ..targets.mil_interp import MILProgram
+        from .mil_interp import MILProgram
 
         self.program = MILProgram(path)
         self.name = "mil-reference-interpreter"

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CastlingError, MissingDependencyError, UsageError
+from ..optional import import_optional
 
 
 class _TorchCuda:
@@ -77,10 +78,7 @@ class TensorRTRunner:
     """Runner protocol over a serialized engine (``.engine`` / ``.plan``) with one input and one output."""
 
     def __init__(self, path: str | Path) -> None:
-        try:
-            import tensorrt as trt
-        except ImportError as exc:
-            raise MissingDependencyError("tensorrt", "tensorrt", "running TensorRT engines") from exc
+        trt = import_optional("tensorrt", "tensorrt", "tensorrt", "running TensorRT engines")
         p = Path(path)
         if not p.is_file():
             raise UsageError(f"{p}: no such TensorRT engine")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CastlingError, UsageError
+from ...errors import CastlingError, UsageError
 
 log = logging.getLogger(__name__)
 

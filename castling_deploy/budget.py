@@ -1,4 +1,4 @@
-"""The shared verification stage: compare an artifact's logits with the reference, against goals.
+"""The error budget: compare an artifact's logits with the reference, against goals (one row = one stage).
 
 Reference = the folded float model in PyTorch. Every stage of the error budget (fold, export, fp16, int8) is
 a ``StageResult``; a failed goal raises ``ToleranceError`` after the report is written — never a warning.
@@ -58,6 +58,7 @@ class StageResult:
     metrics: dict[str, Any]
     goals: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    id: str | None = None  # unique within a report (set by report.Report.add_stage); artifacts refer to it
 
     @property
     def passed(self) -> bool:
@@ -65,8 +66,29 @@ class StageResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["id"] is None:
+            del d["id"]
         d["passed"] = self.passed
         return d
+
+
+def accuracy_goal_failures(top1_drop_points: float | None, top1_agreement: float, tolerance_points: float, *,
+                           min_agreement: float | None = None, goals: dict[str, Any] | None = None) -> list[str]:
+    """The one accept/reject rule: with labels, top-1 drop (points) <= tolerance; without, top-1 agreement
+    >= 1 - tolerance/100 (``min_agreement`` overrides the agreement goal). ``goals`` receives what was applied."""
+    goals = {} if goals is None else goals
+    failures: list[str] = []
+    if top1_drop_points is not None:
+        goals["max_top1_drop_points"] = tolerance_points
+        if top1_drop_points > tolerance_points + 1e-9:
+            failures.append(f"top-1 drop {top1_drop_points:.2f} points > tolerance {tolerance_points} points")
+    agree_goal = min_agreement if min_agreement is not None else (
+        None if top1_drop_points is not None else 1 - tolerance_points / 100)
+    if agree_goal is not None:
+        goals["min_top1_agreement"] = agree_goal
+        if top1_agreement < agree_goal - 1e-9:
+            failures.append(f"top-1 agreement {top1_agreement:.4f} < {agree_goal:.4f}")
+    return failures
 
 
 def check_stage(
@@ -91,15 +113,8 @@ def check_stage(
     failures: list[str] = []
     if not np.isfinite(logits).all():
         failures.append("artifact produced NaN/Inf logits")
-    if labels is not None:
-        goals["max_top1_drop_points"] = tolerance_points
-        if m["top1_drop_points"] > tolerance_points + 1e-9:
-            failures.append(f"top-1 drop {m['top1_drop_points']:.2f} points > tolerance {tolerance_points} points")
-    agree_goal = min_agreement if min_agreement is not None else (None if labels is not None else 1 - tolerance_points / 100)
-    if agree_goal is not None:
-        goals["min_top1_agreement"] = agree_goal
-        if m["top1_agreement"] < agree_goal - 1e-12:
-            failures.append(f"top-1 agreement {m['top1_agreement']:.4f} < {agree_goal:.4f}")
+    failures += accuracy_goal_failures(m.get("top1_drop_points"), m["top1_agreement"], tolerance_points,
+                                       min_agreement=min_agreement, goals=goals)
     if atol is not None:
         goals["atol"] = atol
         if not m["max_abs_logit"] <= atol:

@@ -13,19 +13,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..output import atomic_write_bytes
-from ..errors import CastlingError, MissingDependencyError, UsageError
+from ...output import atomic_write_bytes
+from ...errors import CastlingError, UsageError
+from ...optional import import_optional
 
 PRECISIONS = ("fp32", "fp16", "int8", "best")
 INPUT_NAME = "images"
 
 
 def _import_tensorrt() -> Any:
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as exc:  # OSError: a placeholder wheel or missing CUDA libraries
-        raise MissingDependencyError("tensorrt", "tensorrt", "engine building") from exc
-    return trt
+    # OSError too (import_optional catches it): a placeholder wheel or missing CUDA libraries
+    return import_optional("tensorrt", "tensorrt", "tensorrt", "engine building")
 
 
 def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
@@ -181,7 +179,7 @@ def qdq_tensorrt_problems(onnx_path: str | Path) -> list[str]:
     TensorRT's explicit quantization wants: standard-domain QuantizeLinear/DequantizeLinear (opset >= 13 for
     per-channel ``axis``), int8 zero points that are all 0, and no ONNX Runtime contrib ops.
     """
-    from ..quantize.census import onnx_census
+    from ...quantize.census import onnx_census
 
     c = onnx_census(onnx_path)
     problems = []

@@ -1,6 +1,6 @@
 """LiteRT / TFLite target: torch -> .tflite (fp32, fp16 weights, hybrid INT8, full-integer) without TensorFlow.
 
-Routes (DESIGN.md, "LiteRT"):
+Routes (docs/architecture.md, "LiteRT"):
 - fp32 / fp16: litert-torch converts the torch model; fp16 then casts FC/conv weights with ai-edge-quantizer.
 - int8: litert-torch's PT2EQuantizer (per-channel weights, calibrated activations) -> a hybrid model:
   linears/batch-matmuls run in int8, norms stay float. The patch-embedding conv is left float because
@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..output import atomic_write_bytes
-from ..errors import MissingDependencyError, UsageError
+from ...output import atomic_write_bytes
+from ...errors import UsageError
+from ...optional import import_optional
 
 MODES = ("fp32", "fp16", "int8", "full_integer")
 IO_DTYPES = ("float32", "int8")
@@ -54,27 +55,15 @@ class _NamedIO(nn.Module):
 
 
 def _import_litert_torch() -> Any:
-    try:
-        import litert_torch
-    except ImportError as exc:
-        raise MissingDependencyError("litert-torch", "tflite", "TFLite export") from exc
-    return litert_torch
+    return import_optional("litert_torch", "litert-torch", "tflite", "TFLite export")
 
 
 def _import_quantizer() -> Any:
-    try:
-        import ai_edge_quantizer
-    except ImportError as exc:
-        raise MissingDependencyError("ai-edge-quantizer", "tflite", "TFLite fp16/full-integer quantization") from exc
-    return ai_edge_quantizer
+    return import_optional("ai_edge_quantizer", "ai-edge-quantizer", "tflite", "TFLite fp16/full-integer quantization")
 
 
 def _import_flatbuffer_utils() -> Any:
-    try:
-        from ai_edge_litert.tools import flatbuffer_utils
-    except ImportError as exc:
-        raise MissingDependencyError("ai-edge-litert", "tflite", "reading .tflite files") from exc
-    return flatbuffer_utils
+    return import_optional("ai_edge_litert.tools.flatbuffer_utils", "ai-edge-litert", "tflite", "reading .tflite files")
 
 
 def _version(dist: str) -> str:

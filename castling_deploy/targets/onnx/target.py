@@ -11,15 +11,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..export_onnx import export_onnx
-from ..fold import predict
-from ..output import register_cleanup
-from ..pipeline import ExportSession, TargetOutcome
-from ..runtime.ort import OrtRunner
+from ...fold import predict
+from ...output import register_cleanup
+from ...runtime.ort import OrtRunner
+from ...budget import StageResult
+from ..base import ExportSession, TargetOutcome
+from .convert import export_onnx
 
 log = logging.getLogger(__name__)
 
 FALLBACK_EVAL_IMAGES = 256
+
+
+def census_summary(c: dict[str, Any]) -> str:
+    """One line on how much of a QDQ ONNX really runs in int8, read from the artifact itself."""
+    return (f"{c['int8_compute_nodes']}/{c['compute_nodes']} Conv/MatMul/Gemm in int8 "
+            f"({c['int8_mac_fraction'] * 100:.1f}% of MACs); zero points all 0: {c['zero_points_all_zero']}")
 
 
 def export_float(sess: ExportSession, work: Path, outcome: TargetOutcome, name: str = "model.onnx") -> Path:
@@ -41,17 +48,17 @@ def export_float(sess: ExportSession, work: Path, outcome: TargetOutcome, name: 
         sess.shared["float_onnx"] = (keep, info, stage)
     outcome.info["export"] = info
     outcome.stages.append(stage)
-    outcome.artifacts.append({"file": name, "precision": "fp32", "runtime": "onnxruntime / any ONNX runtime"})
+    outcome.add(name, "fp32", "onnxruntime / any ONNX runtime", stage)
     return path
 
 
 def quantize_int8(sess: ExportSession, fp32: Path, out: Path, target: str, outcome: TargetOutcome,
-                  candidate: str) -> None:
+                  candidate: str) -> StageResult:
     """Calibrate, quantize (with the sensitivity sweep / auto-fallback when asked), verify on ORT CPU."""
-    from ..quantize.calibration import CalibrationSet
-    from ..quantize.ort_int8 import quantize_onnx
-    from ..quantize.recipe import QuantRecipe
-    from ..quantize.sensitivity import auto_fallback, format_sensitivity_table, sensitivity_sweep
+    from ...quantize.calibration import CalibrationSet
+    from ...quantize.ort_int8 import quantize_onnx
+    from ...quantize.recipe import QuantRecipe
+    from ...quantize.sensitivity import auto_fallback, format_sensitivity_table, sensitivity_sweep
 
     opts = sess.opts
     images = sess.require_calib()
@@ -81,17 +88,17 @@ def quantize_int8(sess: ExportSession, fp32: Path, out: Path, target: str, outco
     outcome.quantization = quant
     stage = sess.verify("int8", candidate, OrtRunner(out), precision="int8")
     outcome.stages.append(stage)
+    return stage
 
 
 def build(sess: ExportSession, work: Path) -> TargetOutcome:
     outcome = TargetOutcome()
     fp32 = export_float(sess, work, outcome)
     if sess.opts.fp16:
-        outcome.info.setdefault("notes", []).append(
+        outcome.note(
             "--fp16 does not apply to the plain ONNX target (ONNX Runtime CPU has no fp16 kernels worth using); "
             "the fp32 file is the float artifact")
     if sess.opts.int8:
-        quantize_int8(sess, fp32, work / "model.int8.onnx", "onnx", outcome, "ONNX INT8 QDQ (model.int8.onnx)")
-        outcome.artifacts.append({"file": "model.int8.onnx", "precision": "int8",
-                                  "runtime": "onnxruntime (QDQ)"})
+        stage = quantize_int8(sess, fp32, work / "model.int8.onnx", "onnx", outcome, "ONNX INT8 QDQ (model.int8.onnx)")
+        outcome.add("model.int8.onnx", "int8", "onnxruntime (QDQ)", stage)
     return outcome

@@ -8,14 +8,21 @@ import logging
 import tempfile
 from pathlib import Path
 
-from ..pipeline import ExportSession, TargetOutcome
+from ..base import ExportSession, TargetOutcome
 
 log = logging.getLogger(__name__)
+RUNTIME = "Core ML (iOS 17+/macOS 14+)"
+
+
+def census_summary(c: dict) -> str:
+    """One line on how much of the Core ML artifact is int8, read from the package itself."""
+    return (f"{c['int8_weight_fraction'] * 100:.1f}% of weights int8; {c['quantize_ops']} activation quantize "
+            f"ops; activations quantized: {c['activation_quantized']}")
 
 
 def build(sess: ExportSession, work: Path) -> TargetOutcome:
-    from ..runtime.coreml import load_coreml_runner
-    from .coreml import ane_report, convert_coreml, coreml_census
+    from ...runtime.coreml import load_coreml_runner
+    from .convert import ane_report, convert_coreml, coreml_census
 
     opts, pp = sess.opts, sess.ckpt.preprocess
     outcome = TargetOutcome()
@@ -35,19 +42,21 @@ def build(sess: ExportSession, work: Path) -> TargetOutcome:
     shipped = work / "model.mlpackage"
     outcome.info["fp16"] = convert("fp16", shipped)
     runner = load_coreml_runner(shipped)
-    outcome.stages.append(sess.verify("fp16", "Core ML fp16 (model.mlpackage)", runner, precision="fp16"))
-    outcome.artifacts.append({"file": shipped.name, "precision": "fp16", "runtime": "Core ML (iOS 17+/macOS 14+)"})
+    stage = sess.verify("fp16", "Core ML fp16 (model.mlpackage)", runner, precision="fp16")
+    outcome.stages.append(stage)
+    outcome.add(shipped.name, "fp16", RUNTIME, stage)
     outcome.info["ane"] = ane_report(shipped)
     outcome.info["executor"] = runner.name
     if opts.int8:
-        mode = "w8" if opts.weights_only else "w8a8"
+        mode = "w8" if opts.option("weights_only") else "w8a8"
         q = work / "model.int8.mlpackage"
         info = convert(mode, q)
         outcome.quantization = {"recipe": {"mode": mode, **{k: info.get(k) for k in ("quantization", "notes")}},
                                 "census": coreml_census(q), "calibration": sess.calib.describe()
                                 if (sess.calib and mode == "w8a8") else None}
         outcome.info[mode] = info
-        outcome.stages.append(sess.verify("int8", f"Core ML {mode.upper()} (model.int8.mlpackage)",
-                                          load_coreml_runner(q), precision="int8"))
-        outcome.artifacts.append({"file": q.name, "precision": mode, "runtime": "Core ML (iOS 17+/macOS 14+)"})
+        stage = sess.verify("int8", f"Core ML {mode.upper()} (model.int8.mlpackage)", load_coreml_runner(q),
+                            precision="int8")
+        outcome.stages.append(stage)
+        outcome.add(q.name, mode, RUNTIME, stage)
     return outcome

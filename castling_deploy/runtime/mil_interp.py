@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import MissingDependencyError, UsageError
+from ..errors import UsageError
+from ..optional import import_optional
 
 _NP_DTYPES = {
     "BOOL": np.bool_, "FLOAT16": np.float16, "FLOAT32": np.float32, "FLOAT64": np.float64,
@@ -36,11 +37,8 @@ _BLOB_META = np.dtype([("sentinel", "<u4"), ("mil_dtype", "<u4"), ("size", "<u8"
 
 
 def _proto():
-    try:
-        from coremltools.proto import MIL_pb2, Model_pb2
-    except ImportError as exc:
-        raise MissingDependencyError("coremltools", "coreml", "reading Core ML packages") from exc
-    return MIL_pb2, Model_pb2
+    proto = import_optional("coremltools.proto", "coremltools", "coreml", "reading Core ML packages")
+    return proto.MIL_pb2, proto.Model_pb2
 
 
 def package_files(path: str | Path) -> tuple[Path, Path]:

@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MissingDependencyError, UsageError
+from ...errors import UsageError
+from ...optional import import_optional
+from ...runtime.pixels import to_pixels
 
 MODES = ("fp32", "fp16", "w8", "w8a8")
 W8A8_METHODS = ("mil-ranges", "torch-linear-quantizer")
@@ -35,11 +37,7 @@ OUTPUT_NAME = "logits"
 
 
 def _ct() -> Any:
-    try:
-        import coremltools as ct
-    except ImportError as exc:
-        raise MissingDependencyError("coremltools", "coreml", "Core ML export") from exc
-    return ct
+    return import_optional("coremltools", "coremltools", "coreml", "Core ML export")
 
 
 def image_preprocessing(mean: list[float], std: list[float]) -> dict[str, Any]:
@@ -180,13 +178,6 @@ def _calib_feeds(calib: np.ndarray, input_type: str, mean: list[float], std: lis
     return [{INPUT_NAME: x[i : i + 1]} for i in range(len(x))]
 
 
-def to_pixels(x: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
-    """Normalized NCHW -> the 0..255 RGB pixel scale our ImageType expects: (x*std + mean)*255 (unrounded)."""
-    m = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
-    s = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
-    return ((x.astype(np.float32) * s + m) * 255.0).astype(np.float32)
-
-
 def _quantize_activations_with_mil_ranges(
     mlmodel: Any, calib: np.ndarray, input_type: str, mean: list[float], std: list[float], pre: dict[str, Any]
 ) -> tuple[Any, int]:
@@ -197,7 +188,7 @@ def _quantize_activations_with_mil_ranges(
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
     from coremltools.models import utils as model_utils
 
-    from .mil_interp import MILProgram
+    from ...runtime.mil_interp import MILProgram
 
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / "calib.mlpackage"
@@ -304,7 +295,7 @@ _COMPUTE_OPS_SKIP = {"const"}
 
 def coreml_census(path: str | Path) -> dict[str, Any]:
     """What the package really stores and runs: op histogram, constant dtypes, activation Q/DQ presence."""
-    from .mil_interp import MILProgram
+    from ...runtime.mil_interp import MILProgram
 
     prog = MILProgram(path)
     hist = prog.op_histogram()
@@ -369,7 +360,7 @@ def ane_report(path: str | Path) -> dict[str, Any]:
     """Which ops probably leave the ANE, and which precision each op computes in (from its output dtype)."""
     from coremltools.proto import MIL_pb2
 
-    from .mil_interp import MILProgram
+    from ...runtime.mil_interp import MILProgram
 
     prog = MILProgram(path)
     hist = prog.op_histogram()

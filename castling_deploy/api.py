@@ -1,0 +1,158 @@
+"""The Python API for people who script deployments; the CLI is a thin layer over it.
+
+    import castling_deploy as cd
+    result = cd.export("model.pt", targets=["tensorrt", "tflite"], int8=True, calib="calib/", val="val/")
+    assert result.passed, result.failures
+    print(result["tensorrt"].folder, result["tensorrt"].report.error_budget)
+    cd.profile("exports/model/onnx/model.int8.onnx", threads=1)
+    cd.package("exports/model", "model.zip")
+    cd.verify("model.zip", val="val/")
+
+Every function raises ``castling_deploy.errors.CastlingError`` subclasses (``UsageError`` for bad input,
+``MissingDependencyError`` for an absent optional runtime); ``export`` returns failed goals in the result
+(``result.passed``, ``result.error()``) because the reports are written either way.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import ToleranceError, UsageError
+from .report import Report
+from .budget import DEFAULT_TOLERANCE_POINTS
+
+PathLike = str | Path
+
+
+@dataclass
+class TargetResult:
+    target: str
+    folder: Path
+    report: Report
+
+    @property
+    def passed(self) -> bool:
+        return self.report.status == "passed"
+
+
+@dataclass
+class ExportResult:
+    """One ``TargetResult`` per requested target, in order; index it by target name."""
+
+    targets: list[TargetResult]
+
+    def __getitem__(self, target: str) -> TargetResult:
+        for t in self.targets:
+            if t.target == target:
+                return t
+        raise KeyError(f"{target!r} was not exported (have: {', '.join(t.target for t in self.targets)})")
+
+    @property
+    def passed(self) -> bool:
+        return all(t.passed for t in self.targets)
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{t.target}: {f}" for t in self.targets for f in t.report.failures]
+
+    def error(self) -> ToleranceError | None:
+        """The exit-3 error describing the failed goals, or None when every target passed."""
+        from .pipeline import failure_error
+
+        return failure_error([(t.folder, t.report) for t in self.targets])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": "passed" if self.passed else "failed",
+                "reports": [{**t.report.to_dict(), "folder": str(t.folder)} for t in self.targets]}
+
+
+def check_tolerance(points: float) -> None:
+    if not (math.isfinite(points) and 0 <= points <= 100):
+        raise UsageError(f"--tolerance {points}: must be a number of top-1 points between 0 and 100")
+
+
+def _check_export_options(o: Any) -> None:
+    """Reject combinations that cannot mean anything, with the fix in the message (exit 2)."""
+    from .targets.registry import check_target_options
+
+    check_target_options(o.targets, o.target_options, o.int8)
+    check_tolerance(o.tolerance)
+    if o.val_limit is not None and o.val_limit < 1:
+        raise UsageError(f"--limit {o.val_limit}: must be >= 1")
+    if not (o.opset == 17 or 18 <= o.opset <= 21):
+        raise UsageError(f"--opset {o.opset} is not supported; use 17 (legacy exporter) or 18-21 (dynamo exporter)")
+    if o.calib_size < 1:
+        raise UsageError(f"--calib-size {o.calib_size}: must be >= 1")
+    if (o.auto_fallback or o.sensitivity) and not o.int8:
+        raise UsageError("--auto-fallback / --sensitivity need --int8")
+
+
+def export(ckpt: PathLike, *, targets: Iterable[str] = ("onnx",), int8: bool = False, fp16: bool = False,
+           calib: PathLike | None = None, val: PathLike | None = None,
+           tolerance: float = DEFAULT_TOLERANCE_POINTS, out: PathLike = "exports", **options: Any) -> ExportResult:
+    """Fold ``ckpt``, export it for each target ("all" = every registered target), verify every artifact
+    against the folded float model, and write ``out/<model>/<target>/`` with ``report.json``.
+
+    Other keyword options: ``arch, imgsz, opset, force, calib_size, calib_method, auto_fallback, sensitivity,
+    limit (val images), seed, verbose`` and each target's own options (``full_integer``, ``io_dtype`` for
+    tflite; ``weights_only`` for coreml — see ``castling_deploy.targets.registry.TARGETS``)."""
+    from .pipeline import run_export
+    from .targets.base import ExportOptions
+    from .targets.registry import TARGETS, all_option_defaults
+
+    chosen = list(TARGETS) if "all" in targets else list(dict.fromkeys(targets))
+    target_opts = {k: options.pop(k) for k in list(options) if k in all_option_defaults()}
+    if "limit" in options:
+        options["val_limit"] = options.pop("limit")
+    try:
+        opts = ExportOptions(targets=chosen, int8=int8, fp16=fp16, calib=Path(calib) if calib else None,
+                             val=Path(val) if val else None, tolerance=tolerance, out=Path(out),
+                             target_options=target_opts, **options)
+    except TypeError as exc:
+        raise UsageError(f"export: {exc}") from None
+    _check_export_options(opts)
+    return ExportResult([TargetResult(r.target, f, r) for f, r in run_export(Path(ckpt), opts)])
+
+
+def profile(artifact: PathLike, *, runs: int = 100, warmup: int = 10, threads: int | None = None, batch: int = 1,
+            per_op: bool = True, chart: PathLike | None = None, record: bool = True,
+            progress: bool = False) -> dict[str, Any]:
+    """Latency of an exported artifact on its runtime here (load time, p50/p90/p99, throughput, memory, per-op).
+    With ``record``, the summary is kept in the report.json beside the artifact (when there is one)."""
+    from .profiling import profile_artifact
+    from .report import record_latency
+
+    if runs < 1 or warmup < 0 or batch < 1 or (threads is not None and threads < 1):
+        raise UsageError("--runs and --batch must be >= 1, --warmup >= 0, --threads >= 1")
+    artifact = Path(artifact)
+    result = profile_artifact(artifact, runs=runs, warmup=warmup, threads=threads, batch=batch,
+                              chart_path=Path(chart) if chart else None, per_op=per_op, progress=progress)
+    if record and "interpreter" not in str(result.get("runtime", "")):
+        record_latency(artifact, result)
+    return result
+
+
+def package(export_dir: PathLike, out_file: PathLike, *, allow_failed: bool = False) -> Path:
+    """Pack an export folder into one archive with manifest.json and a README for the app developer."""
+    from .packaging import create_package
+
+    return create_package(Path(export_dir), Path(out_file), allow_failed=allow_failed)
+
+
+def verify(file: PathLike, *, val: PathLike | None = None, limit: int | None = None) -> dict[str, Any]:
+    """Check every hash in a package and, with ``val`` (labelled images), re-measure each artifact's accuracy.
+    Raises ``ToleranceError`` (its ``.result`` holds the details) when the package fails."""
+    from .data import load_image_set
+    from .errors import DataError
+    from .packaging import inspect_package, verify_package
+
+    images = labels = None
+    if val is not None:
+        manifest = inspect_package(Path(file))
+        data = load_image_set(Path(val), manifest["preprocess"], manifest.get("labels"), limit=limit)
+        if data.labels is None:
+            raise DataError(f"{val}: accuracy needs labeled images (class_name/xxx.png subfolders)")
+        images, labels = data.images, data.labels
+    return verify_package(Path(file), val_images=images, val_labels=labels)

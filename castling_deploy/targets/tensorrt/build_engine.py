@@ -1,0 +1,57 @@
+"""``castling-deploy build-engine``: on the device, build the engine inside a `--target tensorrt` export folder,
+verify it against the float ONNX, and record both in the folder's report.json."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ...data import load_image_set
+from ...digest import file_sha256
+from ...errors import UsageError
+from ...report import ArtifactRecord, load_report
+from ...runtime.base import run_batched
+from ...runtime.ort import OrtRunner
+from ...budget import FLOAT_ATOL, check_stage
+from .engine import _import_tensorrt, build_engine
+from .target import DEFAULT_BATCH_RANGE, ENGINE_NAME
+
+
+def build_engine_for_export(folder: Path, *, precision: str | None = None,
+                            batch_range: tuple[int, int, int] = DEFAULT_BATCH_RANGE,
+                            val: Path | None = None, limit: int | None = None) -> dict[str, Any]:
+    """``castling-deploy build-engine``: build the engine inside an export folder, verify it, update the report."""
+    from ...runtime.tensorrt import TensorRTRunner
+
+    report_path = Path(folder) / "report.json"
+    report = load_report(report_path)
+    if report.target != "tensorrt":
+        raise UsageError(f"{folder}: this export is for target {report.target!r}, not tensorrt; pass a folder written "
+                         "by `export --target tensorrt`")
+    _import_tensorrt()  # exit 4 before touching the folder when TensorRT is absent
+    precision = precision or report.target_info.get("precision", "fp16")
+    onnx_path = Path(folder) / str(report.target_info.get("onnx_for_engine", "model.onnx"))
+    if onnx_path.parent.resolve() != Path(folder).resolve():
+        raise UsageError(f"{folder}/report.json names an engine input outside its folder; re-run the export")
+    engine = Path(folder) / ENGINE_NAME
+    meta = build_engine(onnx_path, engine, precision=precision, batch_range=batch_range,
+                        timing_cache=Path(folder) / "timing.cache")
+    result: dict[str, Any] = {"engine": meta}
+    record = ArtifactRecord(ENGINE_NAME, precision, f"TensorRT {meta['tensorrt']} on {meta['gpu']}",
+                            sha256=file_sha256(engine), bytes=engine.stat().st_size)
+    if val is None:
+        report.note("engine built but not verified: pass --val DIR to build-engine to measure its accuracy")
+        result["verified"] = False
+    else:
+        data = load_image_set(val, report.preprocess, report.labels, limit=limit)
+        ref = run_batched(OrtRunner(Path(folder) / "model.onnx"), data.images)
+        out = run_batched(TensorRTRunner(engine), data.images)
+        stage = check_stage("engine", "ONNX fp32 on ORT CPU", f"TensorRT {precision} engine", "TensorRT",
+                            ref, out, data.labels, tolerance_points=report.goals["tolerance_points"],
+                            atol=FLOAT_ATOL.get(precision))
+        record.verified_by = report.add_stage(stage)
+        result["stage"] = stage.to_dict()
+    report.set_artifact(record)
+    report.target_info["engine"] = meta
+    report.save(report_path)
+    result["status"] = report.status
+    return result
