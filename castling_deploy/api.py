@@ -103,7 +103,7 @@ def export(ckpt: PathLike, *, targets: Iterable[str] = ("onnx",), int8: bool = F
     from .targets.registry import TARGETS, all_option_defaults
 
     chosen = list(TARGETS) if "all" in targets else list(dict.fromkeys(targets))
-    target_opts = {k: options.pop(k) for k in list(options) if k in all_option_defaults()}
+    target_opts = all_option_defaults() | {k: options.pop(k) for k in list(options) if k in all_option_defaults()}
     if "limit" in options:
         options["val_limit"] = options.pop("limit")
     try:

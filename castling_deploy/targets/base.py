@@ -20,13 +20,13 @@ from ..models.vit import CastlingViT
 from ..output import to_jsonable
 from ..runtime.base import Runner, run_batched
 from ..budget import DEFAULT_TOLERANCE_POINTS, FLOAT_ATOL, StageResult, check_stage
-from .registry import all_option_defaults, option_default
 
 
 @dataclass
 class ExportOptions:
     """What the user asked for. Options that only some targets understand live in ``target_options``
-    (declared by each target's ``TargetSpec.options``), so this class does not grow with every target."""
+    (declared by each target's ``TargetSpec.options``; the API fills in every declared default), so this class
+    does not grow with every target."""
 
     targets: list[str]
     int8: bool = False
@@ -49,13 +49,17 @@ class ExportOptions:
     target_options: dict[str, Any] = field(default_factory=dict)
 
     def option(self, name: str) -> Any:
-        """A target-specific option's value (its declared default when the user did not set it)."""
-        return self.target_options.get(name, option_default(name))
+        """A target-specific option's value (``targets.registry`` declares each one and its default)."""
+        try:
+            return self.target_options[name]
+        except KeyError:
+            raise KeyError(f"target option {name!r} was not set; build ExportOptions through castling_deploy.api"
+                           ".export or pass target_options=all_option_defaults() | {...}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         extra = d.pop("target_options")
-        return to_jsonable({**d, **all_option_defaults(), **extra})
+        return to_jsonable({**d, **extra})
 
 
 @dataclass

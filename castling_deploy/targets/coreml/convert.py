@@ -89,14 +89,7 @@ def convert_coreml(
     ct = _ct()
     import torch
 
-    if mode not in MODES:
-        raise UsageError(f"unknown Core ML mode {mode!r}; choose one of: {', '.join(MODES)}")
-    if input_type not in ("image", "tensor"):
-        raise UsageError(f"input_type must be 'image' or 'tensor', got {input_type!r}")
-    if w8a8_method not in W8A8_METHODS:
-        raise UsageError(f"unknown w8a8 method {w8a8_method!r}; choose one of: {', '.join(W8A8_METHODS)}")
-    if mode == "w8a8" and (calib_images is None or len(calib_images) == 0):
-        raise UsageError("w8a8 needs calibration images (calib_images is empty)")
+    _check_args(mode, input_type, w8a8_method, calib_images)
     t0 = time.perf_counter()
     out_path = Path(out_path)
     notes: list[str] = []
@@ -140,15 +133,31 @@ def convert_coreml(
 
     _set_metadata(mlmodel, metadata, labels, mode, input_type, mean, std, pre)
     _save_atomically(mlmodel, out_path)
-    size = sum(f.stat().st_size for f in out_path.rglob("*") if f.is_file())
     if labels:
         notes.append("class labels stored in user_defined_metadata['classes'] (output stays raw 'logits')")
+    return _info(mode, out_path, ct.__version__, time.perf_counter() - t0, method, input_type, pre, notes)
+
+
+def _check_args(mode: str, input_type: str, w8a8_method: str, calib_images: np.ndarray | None) -> None:
+    if mode not in MODES:
+        raise UsageError(f"unknown Core ML mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if input_type not in ("image", "tensor"):
+        raise UsageError(f"input_type must be 'image' or 'tensor', got {input_type!r}")
+    if w8a8_method not in W8A8_METHODS:
+        raise UsageError(f"unknown w8a8 method {w8a8_method!r}; choose one of: {', '.join(W8A8_METHODS)}")
+    if mode == "w8a8" and (calib_images is None or len(calib_images) == 0):
+        raise UsageError("w8a8 needs calibration images (calib_images is empty)")
+
+
+def _info(mode: str, out_path: Path, version: str, seconds: float, method: str | None, input_type: str,
+          pre: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """What a conversion reports (into report.json's target_info)."""
     return {
         "mode": mode,
         "path": str(out_path),
-        "coremltools": ct.__version__,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "package_bytes": size,
+        "coremltools": version,
+        "seconds": round(seconds, 2),
+        "package_bytes": sum(f.stat().st_size for f in out_path.rglob("*") if f.is_file()),
         "quantization": method,
         "input_type": input_type,
         "input_name": IMAGE_INPUT_NAME if input_type == "image" else INPUT_NAME,

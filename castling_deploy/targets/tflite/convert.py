@@ -358,40 +358,12 @@ def convert_tflite(
     edges, the app feeds normalized floats); "int8" makes the graph input/output int8 (the app quantizes the
     normalized image and dequantizes the logits with the scale/zero point in the tensor details).
     """
-    if mode not in MODES:
-        raise UsageError(f"unknown TFLite mode {mode!r}; choose one of {', '.join(MODES)}")
-    if io_dtype not in IO_DTYPES:
-        raise UsageError(f"unknown io_dtype {io_dtype!r}; choose float32 or int8")
-    if io_dtype == "int8" and mode != "full_integer":
-        raise UsageError("io_dtype int8 is only offered for the full_integer TFLite mode")
-    entries = {str(k): str(v) for k, v in (metadata or {}).items()}
-    clash = RESERVED_METADATA & set(entries)
-    if clash:
-        raise UsageError(f"metadata keys {sorted(clash)} are reserved by TFLite; rename them")
+    entries = _check_args(mode, io_dtype, metadata)
     _import_litert_torch()
     out_path = Path(out_path)
-    model = model.eval()
     info: dict[str, Any] = {"mode": mode, "io_dtype": io_dtype, "notes": []}
     start = time.perf_counter()
-    if mode == "fp32":
-        data = _convert_float(model, img_size)
-    elif mode == "fp16":
-        data = _fp16_weights(_convert_float(model, img_size))
-        info["notes"].append("float16 weights for FC/conv ops; activations and math stay float32")
-    elif mode == "int8":
-        calib = _check_calib(calib_images, img_size, mode)
-        data = _convert_int8_pt2e(model, calib, img_size)
-        info["calib_images"] = len(calib)
-        info["notes"].append(
-            "hybrid PT2E int8: per-channel int8 weights, HistogramObserver activations; norms/GELU stay float; "
-            f"{', '.join(_PT2E_FLOAT_MODULES)} kept float; output logits are int8 (runner dequantizes)"
-        )
-    else:
-        calib = _check_calib(calib_images, img_size, mode)
-        data, diff = _convert_full_integer(model, calib, img_size, io_dtype)
-        info["calib_images"] = len(calib)
-        info["norm_rewrite_max_abs_diff"] = diff
-        info["notes"].append("ai-edge-quantizer static_wi8_ai8, global min/max calibration, rsqrt norm form")
+    data = _convert(model.eval(), mode, calib_images, img_size, io_dtype, info)
     data = _embed_metadata(data, entries)
     info["conversion_seconds"] = round(time.perf_counter() - start, 3)
     _write_atomic(data, out_path)
@@ -411,3 +383,42 @@ def convert_tflite(
         },
     )
     return info
+
+
+def _check_args(mode: str, io_dtype: str, metadata: dict[str, str] | None) -> dict[str, str]:
+    if mode not in MODES:
+        raise UsageError(f"unknown TFLite mode {mode!r}; choose one of {', '.join(MODES)}")
+    if io_dtype not in IO_DTYPES:
+        raise UsageError(f"unknown io_dtype {io_dtype!r}; choose float32 or int8")
+    if io_dtype == "int8" and mode != "full_integer":
+        raise UsageError("io_dtype int8 is only offered for the full_integer TFLite mode")
+    entries = {str(k): str(v) for k, v in (metadata or {}).items()}
+    clash = RESERVED_METADATA & set(entries)
+    if clash:
+        raise UsageError(f"metadata keys {sorted(clash)} are reserved by TFLite; rename them")
+    return entries
+
+
+def _convert(model: nn.Module, mode: str, calib_images: np.ndarray | None, img_size: int, io_dtype: str,
+             info: dict[str, Any]) -> bytes:
+    """The flatbuffer for one mode; what was done goes into ``info``."""
+    if mode == "fp32":
+        data = _convert_float(model, img_size)
+    elif mode == "fp16":
+        data = _fp16_weights(_convert_float(model, img_size))
+        info["notes"].append("float16 weights for FC/conv ops; activations and math stay float32")
+    elif mode == "int8":
+        calib = _check_calib(calib_images, img_size, mode)
+        data = _convert_int8_pt2e(model, calib, img_size)
+        info["calib_images"] = len(calib)
+        info["notes"].append(
+            "hybrid PT2E int8: per-channel int8 weights, HistogramObserver activations; norms/GELU stay float; "
+            f"{', '.join(_PT2E_FLOAT_MODULES)} kept float; output logits are int8 (runner dequantizes)"
+        )
+    else:
+        calib = _check_calib(calib_images, img_size, mode)
+        data, diff = _convert_full_integer(model, calib, img_size, io_dtype)
+        info["calib_images"] = len(calib)
+        info["norm_rewrite_max_abs_diff"] = diff
+        info["notes"].append("ai-edge-quantizer static_wi8_ai8, global min/max calibration, rsqrt norm form")
+    return data
