@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: this takes the CPU build; letting a dependency pull torch fetches a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[all,dev]"
+	# The device tests run a loopback OpenSSH server; they skip (with the reason) when sshd is absent.
+	command -v /usr/sbin/sshd >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server) || echo "openssh-server not installed: device tests will skip"
 	touch $(STAMP)
 
 demo: $(STAMP)
