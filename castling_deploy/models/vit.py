@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import limits
+from ..errors import MetadataError
 from .attention import LinearAngularAttention, SoftmaxAttention
 
 
@@ -38,12 +40,55 @@ class ViTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ViTConfig":
+    def from_dict(cls, d: dict[str, Any], source: str = "") -> "ViTConfig":
+        """Build from untrusted metadata: unknown fields, wrong types and out-of-range values are refused
+        (MetadataError, exit 2, naming the field) before anything is allocated."""
+        where = f"{source}: " if source else ""
+        if not isinstance(d, dict):
+            raise MetadataError(f"{where}config must be a JSON object, got {type(d).__name__}")
         known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
+        unknown = sorted(str(k)[:40] for k in set(d) - known)
         if unknown:
-            raise ValueError(f"unknown config fields: {sorted(unknown)}")
-        return cls(**d)
+            raise MetadataError(f"{where}unknown config fields: {unknown[:5]}")
+        return cls(**d).validate(source)
+
+    def validate(self, source: str = "") -> "ViTConfig":
+        """Types and bounds of every field (castling_deploy.limits) and their consistency; returns a normalized
+        copy (integral floats become ints). Raises MetadataError (exit 2) naming the field."""
+        L = limits
+        v: dict[str, Any] = {}
+        v["img_size"] = L.check_int(self.img_size, "config.img_size", 1, L.MAX_IMG_SIZE, source)
+        v["patch_size"] = L.check_int(self.patch_size, "config.patch_size", 1, min(L.MAX_PATCH_SIZE, v["img_size"]),
+                                      source)
+        v["in_chans"] = L.check_int(self.in_chans, "config.in_chans", 3, 3, source)  # the image pipeline feeds RGB
+        v["num_classes"] = L.check_int(self.num_classes, "config.num_classes", 0, L.MAX_CLASSES, source)
+        v["embed_dim"] = L.check_int(self.embed_dim, "config.embed_dim", 1, L.MAX_EMBED_DIM, source)
+        v["depth"] = L.check_int(self.depth, "config.depth", 0, L.MAX_DEPTH, source)
+        v["num_heads"] = L.check_int(self.num_heads, "config.num_heads", 1, min(L.MAX_HEADS, v["embed_dim"]), source)
+        v["mlp_ratio"] = L.check_float(self.mlp_ratio, "config.mlp_ratio", 0.0, L.MAX_MLP_RATIO, source, lo_open=True)
+        v["threshold"] = L.check_float(self.threshold, "config.threshold", 0.0, 1.0, source)
+        v["kernel_size"] = L.check_int(self.kernel_size, "config.kernel_size", 1, L.MAX_KERNEL_SIZE, source)
+        L.check_choice(self.attention, "config.attention", ("castling", "softmax"), source)
+        L.check_choice(self.form, "config.form", ("train", "deploy"), source)
+        where = f"{source}: " if source else ""
+        if not isinstance(self.qkv_bias, bool):
+            raise MetadataError(f"{where}config.qkv_bias must be true or false, got {type(self.qkv_bias).__name__}")
+        if v["img_size"] % v["patch_size"] or v["img_size"] // v["patch_size"] > L.MAX_GRID:
+            raise MetadataError(f"{where}config.img_size {v['img_size']} must be a multiple of config.patch_size "
+                                f"{v['patch_size']} with at most {L.MAX_GRID} patches per side")
+        tokens = (v["img_size"] // v["patch_size"]) ** 2 + 1
+        if v["num_heads"] * tokens**2 > L.MAX_ATTENTION_ENTRIES:
+            raise MetadataError(f"{where}config.img_size {v['img_size']} gives {tokens} tokens: {v['num_heads']} heads x "
+                                f"{tokens}^2 attention entries per image exceed {L.MAX_ATTENTION_ENTRIES} (use a "
+                                "lower resolution or a larger patch)")
+        if v["embed_dim"] % v["num_heads"]:
+            raise MetadataError(f"{where}config.embed_dim {v['embed_dim']} is not divisible by config.num_heads "
+                                f"{v['num_heads']}")
+        if v["kernel_size"] % 2 == 0:
+            raise MetadataError(f"{where}config.kernel_size {v['kernel_size']} must be odd")
+        if int(v["embed_dim"] * v["mlp_ratio"]) < 1:
+            raise MetadataError(f"{where}config.mlp_ratio {v['mlp_ratio']:g} leaves no MLP hidden units")
+        return replace(self, **v)
 
     def with_(self, **changes: Any) -> "ViTConfig":
         return replace(self, **changes)

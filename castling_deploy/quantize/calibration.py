@@ -67,8 +67,22 @@ class CalibrationSet:
             )
 
 
+def even_batch(n: int, batch: int) -> int:
+    """The largest batch size <= ``batch`` that divides ``n`` images into equal batches.
+
+    ONNX Runtime's histogram calibrators (percentile, entropy, and our mse) stack the outputs of all batches into
+    one array, which fails on a short last batch ("inhomogeneous shape"). The histograms only see the flattened
+    values, so how the images are grouped does not change the ranges: equal batches give exactly the ranges one
+    pass over all images would, and for multiples of ``batch`` nothing changes at all.
+    """
+    if n < 1 or batch < 1:
+        raise DataError(f"cannot batch {n} calibration images in batches of {batch}")
+    return next(d for d in range(min(batch, n), 0, -1) if n % d == 0)
+
+
 class CalibrationReader:
-    """``onnxruntime.quantization.CalibrationDataReader`` over a CalibrationSet, in fixed-size batches.
+    """``onnxruntime.quantization.CalibrationDataReader`` over a CalibrationSet, in equal batches of at most
+    ``batch`` images (``even_batch``: every calibration size works with every calibration method).
 
     Subclassing happens lazily so that importing this module does not import onnxruntime.
     """
@@ -80,7 +94,8 @@ class CalibrationReader:
             def __init__(self) -> None:
                 calib.check_batch(batch)
                 self.input_name = input_name
-                self.batches = [calib.images[i : i + batch] for i in range(0, len(calib.images), batch)]
+                self.batch_size = size = even_batch(len(calib.images), batch)
+                self.batches = [calib.images[i : i + size] for i in range(0, len(calib.images), size)]
                 self.calls = 0  # how many batches were served (tests use it to see whether calibration ran)
                 self._it = iter(self.batches)
 
