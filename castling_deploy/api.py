@@ -87,6 +87,11 @@ def _check_export_options(o: Any) -> None:
         raise UsageError(f"--calib-size {o.calib_size}: must be >= 1")
     if (o.auto_fallback or o.sensitivity) and not o.int8:
         raise UsageError("--auto-fallback / --sensitivity need --int8")
+    if not o.migrate and not o.int8:
+        raise UsageError("--no-migrate needs --int8 (the channel-scale migration only runs for INT8 exports)")
+    if o.accept_accuracy_only and o.force:
+        raise UsageError("--accept-accuracy-only and --force both override the fold gate; pass one (--force also "
+                         "folds when accuracy drops)")
 
 
 def export(ckpt: PathLike, *, targets: Iterable[str] = ("onnx",), int8: bool = False, fp16: bool = False,
@@ -96,7 +101,7 @@ def export(ckpt: PathLike, *, targets: Iterable[str] = ("onnx",), int8: bool = F
     against the folded float model, and write ``out/<model>/<target>/`` with ``report.json``.
 
     Other keyword options: ``arch, imgsz, opset, force, calib_size, calib_method, auto_fallback, sensitivity,
-    limit (val images), seed, verbose`` and each target's own options (``full_integer``, ``io_dtype`` for
+    limit (val images), seed, verbose, migrate (default True; False = --no-migrate), accept_accuracy_only`` and each target's own options (``full_integer``, ``io_dtype`` for
     tflite; ``weights_only`` for coreml — see ``castling_deploy.targets.registry.TARGETS``)."""
     from .pipeline import run_export
     from .targets.base import ExportOptions
@@ -134,25 +139,66 @@ def profile(artifact: PathLike, *, runs: int = 100, warmup: int = 10, threads: i
     return result
 
 
-def package(export_dir: PathLike, out_file: PathLike, *, allow_failed: bool = False) -> Path:
-    """Pack an export folder into one archive with manifest.json and a README for the app developer."""
+def package(export_dir: PathLike, out_file: PathLike, *, allow_failed: bool = False,
+            sign: PathLike | None = None) -> Path:
+    """Pack an export folder into one archive with manifest.json and a README for the app developer.
+    ``sign``: a PEM private key (``castling-deploy keygen``); ``signature.json`` then covers every file."""
     from .packaging import create_package
 
-    return create_package(Path(export_dir), Path(out_file), allow_failed=allow_failed)
+    return create_package(Path(export_dir), Path(out_file), allow_failed=allow_failed,
+                          sign_key=Path(sign) if sign is not None else None)
 
 
-def verify(file: PathLike, *, val: PathLike | None = None, limit: int | None = None) -> dict[str, Any]:
-    """Check every hash in a package and, with ``val`` (labelled images), re-measure each artifact's accuracy.
-    Raises ``ToleranceError`` (its ``.result`` holds the details) when the package fails."""
+def verify(file: PathLike, *, val: PathLike | None = None, limit: int | None = None,
+           tolerance: float = DEFAULT_TOLERANCE_POINTS, trust: PathLike | None = None,
+           min_top1: float | None = None) -> dict[str, Any]:
+    """Check a package: with ``trust`` (a PEM public key) its signature must be valid; every sha256; and, with
+    ``val`` (labelled images), each model file's accuracy re-measured against *your* goals: within ``tolerance``
+    points of the best fp32 artifact measured, above ``min_top1`` when given, and — only when signed by the
+    trusted key — within ``tolerance`` of the accuracy recorded at export. The package's own tolerance is never
+    used. Raises ``ToleranceError`` (its ``.result`` holds the details) when the package fails."""
     from .data import load_image_set
     from .errors import DataError
     from .packaging import inspect_package, verify_package
 
+    check_tolerance(tolerance)
     images = labels = None
     if val is not None:
         manifest = inspect_package(Path(file))
-        data = load_image_set(Path(val), manifest["preprocess"], manifest.get("labels"), limit=limit)
+        data = load_image_set(Path(val), manifest.get("preprocess") or {}, manifest.get("labels"), limit=limit)
         if data.labels is None:
             raise DataError(f"{val}: accuracy needs labeled images (class_name/xxx.png subfolders)")
         images, labels = data.images, data.labels
-    return verify_package(Path(file), val_images=images, val_labels=labels)
+    return verify_package(Path(file), val_images=images, val_labels=labels, tolerance=tolerance,
+                          trust=Path(trust) if trust is not None else None, min_top1=min_top1)
+
+
+def profile_on_devices(artifact: PathLike, devices: Iterable[str], *, python: str | None = None,
+                       ssh_config: PathLike | None = None, benchmark_model: PathLike | None = None, runs: int = 100,
+                       warmup: int = 10, threads: int | None = None, batch: int = 1,
+                       shape: tuple[int, ...] | None = None, record: bool = True) -> list[Any]:
+    """Profile ``artifact`` on each device URI concurrently (``ssh://[user@]host[:port]``, ``adb:SERIAL``,
+    ``local``); one ``castling_deploy.devices.DeviceResult`` per device, failures included (never raised, so
+    one unreachable board does not hide the others). With ``record``, each success (numbers + fingerprint) is
+    appended to the ``devices`` list of the report.json beside the artifact."""
+    from .devices import close_all, parse_device, profile_fleet
+    from .report import record_device_run
+
+    if runs < 1 or warmup < 0 or batch < 1 or (threads is not None and threads < 1):
+        raise UsageError("--runs and --batch must be >= 1, --warmup >= 0, --threads >= 1")
+    artifact = Path(artifact)
+    if not artifact.exists():
+        raise UsageError(f"{artifact}: no such artifact; pass the path of an exported model file")
+    devs = [parse_device(u, python=python, ssh_config=Path(ssh_config) if ssh_config else None,
+                         benchmark_model=Path(benchmark_model) if benchmark_model else None) for u in devices]
+    try:
+        results = profile_fleet(devs, artifact, runs=runs, warmup=warmup, threads=threads, batch=batch, shape=shape)
+    finally:
+        close_all(devs)
+    if record:
+        for r in results:
+            if r.ok:
+                record_device_run(artifact, {"kind": "profile", "uri": r.uri, "fingerprint": r.result.get(
+                    "fingerprint"), **{k: r.result.get(k) for k in ("runtime", "threads", "batch", "runs", "warmup",
+                                                                   "latency_ms", "load_ms", "memory")}})
+    return results

@@ -170,3 +170,19 @@ def record_latency(artifact: Path, result: dict[str, Any]) -> Path | None:
     report.latency = lat
     report.save(report_path)
     return report_path
+
+
+def record_device_run(artifact: Path, entry: dict[str, Any]) -> Path | None:
+    """Append one device run (what ran where: uri, fingerprint, numbers) to the report beside ``artifact``."""
+    report_path = Path(artifact).parent / "report.json"
+    if not report_path.is_file():
+        return None
+    try:
+        report = load_report(report_path)
+    except UsageError:
+        return None
+    if report.artifact(Path(artifact).name) is None:
+        return None
+    report.devices.append(entry)
+    report.save(report_path)
+    return report_path

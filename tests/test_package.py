@@ -154,25 +154,49 @@ def test_verify_reruns_accuracy(export_dir, tmp_path: Path) -> None:
     root, x, y = export_dir
     pkg = create_package(root, tmp_path / "pkg.zip")
     res = verify_package(pkg, val_images=x, val_labels=y)
-    assert res["passed"]
+    assert res["passed"] and res["signature"]["status"] == "unsigned"
     rows = [r for r in res["accuracy"] if r["status"] != "skipped"]
     assert [r["measured_top1"] for r in rows] == [75.0, 75.0]
-    assert all(r["drop_points"] == 0.0 and r["status"] == "passed" for r in rows)
+    assert all(r["drop_vs_reference"] == 0.0 and r["status"] == "passed" for r in rows)
+    assert all("drop_vs_recorded" not in r and r["recorded_trusted"] is False for r in rows)
     assert [r["file"] for r in res["accuracy"] if r["status"] == "skipped"] == ["onnx-int8/build_engine.sh"]
-    assert res["status"] == "passed" and "top-1 75.00% (recorded 75.00%)" in format_verify_result(res)
-    # 4 more wrong labels -> 68.75%, a 6.25-point drop beyond the 0.5-point tolerance.
+    text = format_verify_result(res)
+    assert res["status"] == "passed" and "top-1 75.00% (recorded 75.00%, not trusted" in text
+    assert "signature: unsigned" in text and "recorded accuracies were not trusted (package unsigned)" in text
+    # 4 more wrong labels -> 68.75% for both: unsigned, nothing says 75% is the goal, so only the relative
+    # check (every artifact within the tolerance of the best fp32 one) applies, and it holds.
     y_bad = y.copy()
     y_bad[:4] = (y_bad[:4] + 1) % 10
+    res = verify_package(pkg, val_images=x, val_labels=y_bad)
+    assert res["passed"] and [r["measured_top1"] for r in res["accuracy"] if "measured_top1" in r] == [68.75] * 2
+    # the verifier's own absolute goal
     with pytest.raises(ToleranceError) as info:
-        verify_package(pkg, val_images=x, val_labels=y_bad)
-    rows = [r for r in info.value.result["accuracy"] if r["status"] != "skipped"]
-    assert [r["measured_top1"] for r in rows] == [68.75, 68.75] and rows[0]["drop_points"] == 6.25
+        verify_package(pkg, val_images=x, val_labels=y_bad, min_top1=70)
     assert info.value.exit_code == 3 and info.value.result["status"] == "failed"
-    assert "FAILED: onnx/model.onnx: top-1 68.75% vs recorded 75.00%" in format_verify_result(info.value.result)
+    assert "FAILED: onnx/model.onnx: top-1 68.75% is below --min-top1 70%" in format_verify_result(info.value.result)
     with pytest.raises(UsageError):
         verify_package(pkg, val_images=x)
     with pytest.raises(UsageError):
         verify_package(pkg, val_images=x, val_labels=y[:10])
+    for bad in (-1, 101, float("nan")):
+        with pytest.raises(UsageError, match="--tolerance"):
+            verify_package(pkg, tolerance=bad)
+
+
+def test_verify_holds_every_artifact_to_the_best_fp32_one(tmp_path: Path) -> None:
+    """Unsigned: an artifact far below the best fp32 artifact fails, whatever the manifest records."""
+    root = tmp_path / "m"
+    w, b = _target(root, "onnx", "fp32", 75.0, seed=0)
+    _target(root, "onnx-int8", "int8", 75.0, seed=5)  # other weights: a broken INT8 model, recorded as 75%
+    x, y = _val_set(w, b)
+    pkg = create_package(root, tmp_path / "pkg.zip")
+    with pytest.raises(ToleranceError) as info:
+        verify_package(pkg, val_images=x, val_labels=y, tolerance=1.0)
+    res = info.value.result
+    bad = next(r for r in res["accuracy"] if r["file"] == "onnx-int8/model.onnx")
+    assert bad["status"] == "failed" and bad["reference"] == "onnx/model.onnx" and bad["drop_vs_reference"] > 50
+    assert "below onnx/model.onnx (75.00%), the best fp32 artifact measured here (tolerance 1 points)" in \
+        res["failures"][0]
 
 
 def test_tampered_missing_and_extra_files(export_dir, tmp_path: Path) -> None:

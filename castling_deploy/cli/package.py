@@ -1,4 +1,5 @@
-"""`package`, `inspect` and `verify`: one archive per model, its manifest, and checking it before shipping."""
+"""`package`, `inspect`, `verify` and `keygen`: one archive per model, its manifest, its signature, and checking it
+before shipping."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,12 +15,14 @@ from .app import cli, emit_json, handle_errors, json_option
 @click.option("-o", "--out", "out_file", type=click.Path(path_type=Path), required=True,
               help="Archive to write (.zip, or .tar.gz).")
 @click.option("--allow-failed", is_flag=True, help="Package even reports marked failed.")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path),
+              help="PEM private key (castling-deploy keygen): signature.json then covers every file of the package.")
 @handle_errors
-def package(export_dir: Path, out_file: Path, allow_failed: bool) -> None:
+def package(export_dir: Path, out_file: Path, allow_failed: bool, sign_key: Path | None) -> None:
     """Pack an export folder into one archive with manifest.json and a README for the app developer."""
     from .. import api
 
-    click.echo(str(api.package(export_dir, out_file, allow_failed=allow_failed)))
+    click.echo(str(api.package(export_dir, out_file, allow_failed=allow_failed, sign=sign_key)))
 
 
 @cli.command("inspect")
@@ -27,7 +30,7 @@ def package(export_dir: Path, out_file: Path, allow_failed: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @handle_errors
 def inspect_cmd(file: Path, as_json: bool) -> None:
-    """Print a package's manifest."""
+    """Print a package's manifest (its claims: `verify --trust` checks who made them)."""
     from ..packaging import format_manifest, inspect_package
 
     manifest = inspect_package(file)
@@ -41,18 +44,40 @@ def inspect_cmd(file: Path, as_json: bool) -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--val", type=click.Path(path_type=Path), help="Re-run the accuracy check on these images.")
 @click.option("--limit", type=int, help="At most N val images.")
+@click.option("--trust", type=click.Path(path_type=Path),
+              help="PEM public key of the signer you trust: the signature must be valid (exit 3 otherwise), and "
+                   "only then are the accuracies recorded at export used as goals.")
+@click.option("--tolerance", type=float, default=0.5, show_default=True,
+              help="Your largest allowed top-1 drop (points); the package's own tolerance is never used.")
+@click.option("--min-top1", type=float, help="Your lowest acceptable top-1 (%) for every model file.")
 @json_option
 @handle_errors
-def verify_cmd(file: Path, val: Path | None, limit: int | None, as_json: bool) -> None:
-    """Check every hash in a package (exit 3 on tampering) and optionally re-run accuracy on --val."""
+def verify_cmd(file: Path, val: Path | None, limit: int | None, trust: Path | None, tolerance: float,
+               min_top1: float | None, as_json: bool) -> None:
+    """Check a package's signature (--trust), every hash (exit 3 on tampering) and, with --val, each model file's
+    accuracy against your goals."""
     from .. import api
     from ..packaging import format_verify_result
 
     try:
-        result = api.verify(file, val=val, limit=limit)
+        result = api.verify(file, val=val, limit=limit, tolerance=tolerance, trust=trust, min_top1=min_top1)
     except ToleranceError as exc:
         result = getattr(exc, "result", None)
         if result is not None:
             emit_json(result) if as_json else click.echo(format_verify_result(result), err=True)
         raise
     emit_json(result) if as_json else click.echo(format_verify_result(result))
+
+
+@cli.command("keygen")
+@click.option("-o", "--out", "out_file", type=click.Path(path_type=Path), required=True,
+              help="Private key file to create; the public key goes to OUT.pub.")
+@handle_errors
+def keygen(out_file: Path) -> None:
+    """Create an Ed25519 key pair for `package --sign OUT` / `verify --trust OUT.pub` (set CASTLING_SIGN_PASSWORD
+    to encrypt the private key). Never overwrites a file."""
+    from ..packaging.signing import generate_keypair
+
+    priv, pub, fp = generate_keypair(out_file)
+    click.echo(f"private key {priv} (keep it secret)\npublic key  {pub} (give it to whoever verifies)\n"
+               f"fingerprint {fp}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -30,35 +31,83 @@ def _parse_sizes(text: str) -> list[int]:
 @click.option("--runs", type=int, default=100, show_default=True, help="Timed runs.")
 @click.option("--warmup", type=int, default=10, show_default=True, help="Untimed warm-up runs.")
 @click.option("--threads", type=int, help="Intra-op threads (default: the runtime's).")
-@click.option("--batch", type=int, default=1, show_default=True, help="Batch size.")
-@click.option("--chart", type=click.Path(path_type=Path), help="PNG latency chart (default: beside the artifact).")
+@click.option("--batch", type=int, help="Batch size, 1..1024 (default: N of --shape, else 1).")
+@click.option("--shape", help="Input shape N,C,H,W, for models whose H, W (or C) are dynamic; the latency is then "
+                              "not recorded in report.json.")
+@click.option("--chart", type=click.Path(path_type=Path),
+              help="PNG latency chart (default: beside the artifact, when that folder is writable).")
 @click.option("--no-per-op", is_flag=True, help="Skip the per-op breakdown (ORT).")
 @click.option("--sweep", help="Comma-separated resolutions: ARTIFACT is then a checkpoint re-exported at each.")
 @click.option("--baseline", type=click.Choice(["softmax"]), help="With --sweep: also the softmax-attention baseline.")
 @click.option("--arch", help="With --sweep: architecture of a foreign checkpoint, or a registry name with no file.")
 @json_option
 @handle_errors
-def profile(artifact: Path, runs: int, warmup: int, threads: int | None, batch: int, chart: Path | None,
-            no_per_op: bool, sweep: str | None, baseline: str | None, arch: str | None, as_json: bool) -> None:
+def profile(artifact: Path, runs: int, warmup: int, threads: int | None, batch: int | None, shape: str | None,
+            chart: Path | None, no_per_op: bool, sweep: str | None, baseline: str | None, arch: str | None,
+            as_json: bool) -> None:
     """Latency of an exported ARTIFACT on its runtime: load time, p50/p90/p99, throughput, memory, per-op."""
-    from .. import api
-    from ..profiling import format_profile_table
+    from ..profiling import format_profile_table, profile_artifact
+    from ..profiling.latency import MAX_BATCH, check_chart_destination, check_input_shape
+    from ..report import record_latency
 
+    input_shape = _parse_shape(shape) if shape is not None else None
+    if batch is None:
+        batch = input_shape[0] if input_shape else 1
+    elif input_shape and input_shape[0] != batch:
+        raise UsageError(f"--batch {batch} contradicts --shape {shape}; give one of them")
     if runs < 1 or warmup < 0 or batch < 1 or (threads is not None and threads < 1):
         raise UsageError("--runs and --batch must be >= 1, --warmup >= 0, --threads >= 1")
+    if batch > MAX_BATCH:
+        raise UsageError(f"--batch {batch}: at most {MAX_BATCH} images per batch can be profiled")
     progress = sys.stderr.isatty()
     if sweep is not None:
+        if shape is not None:
+            raise UsageError("--shape applies to a single artifact; --sweep takes its sizes from --sweep")
         _sweep(artifact, sweep, baseline, arch, runs, warmup, threads, chart, progress, as_json)
         return
     if baseline:
         raise UsageError("--baseline applies to --sweep only")
-    chart_path = chart or artifact.with_name(artifact.name + ".latency.png")
-    result = api.profile(artifact, runs=runs, warmup=warmup, threads=threads, batch=batch, chart=chart_path,
-                         per_op=not no_per_op, progress=progress)
+    if input_shape:
+        check_input_shape(input_shape)
+    if chart is not None:
+        check_chart_destination(chart)  # before anything is measured
+    chart_path = chart or (_default_chart(artifact) if artifact.exists() else None)
+    report = artifact.parent / "report.json"
+    record = shape is None and (not report.is_file() or os.access(report.parent, os.W_OK | os.X_OK))
+    if shape is None and not record:
+        log.warning("%s: not writable; the latency is not recorded there", report)
+    result = profile_artifact(artifact, runs=runs, warmup=warmup, threads=threads, batch=batch,
+                              chart_path=chart_path, per_op=not no_per_op, progress=progress,
+                              input_shape=input_shape)
+    if record and "interpreter" not in str(result.get("runtime", "")):
+        record_latency(artifact, result)
     if "interpreter" in str(result.get("runtime", "")):
         log.warning("%s: timed with the MIL reference interpreter (numpy), not Core ML; this is not the "
                     "latency on an Apple device and is not recorded in report.json", artifact.name)
     emit_json(result) if as_json else click.echo(format_profile_table(result))
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(s) for s in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UsageError(f"--shape {text!r}: expected N,C,H,W such as 1,3,224,224") from None
+    if len(dims) != 4 or min(dims) < 1:
+        raise UsageError(f"--shape {text!r}: expected 4 positive integers N,C,H,W such as 1,3,224,224")
+    return dims
+
+
+def _default_chart(artifact: Path) -> Path | None:
+    """Beside the artifact when that folder is writable and matplotlib is installed; otherwise no chart."""
+    from ..errors import MissingDependencyError
+    from ..profiling.latency import check_chart_destination
+
+    path = artifact.with_name(artifact.name + ".latency.png")
+    try:
+        return check_chart_destination(path)
+    except (UsageError, MissingDependencyError) as exc:
+        log.warning("no latency chart: %s (pass --chart to choose where)", exc)
+        return None
 
 
 def _sweep(artifact: Path, sweep: str, baseline: str | None, arch: str | None, runs: int, warmup: int,
@@ -71,6 +120,9 @@ def _sweep(artifact: Path, sweep: str, baseline: str | None, arch: str | None, r
     if bad:
         raise UsageError(f"--sweep {sweep}: {bad} not multiples of the patch size {patch}")
     chart_path = chart or Path(f"{name}-sweep.png")
+    from ..profiling.latency import check_chart_destination
+
+    check_chart_destination(chart_path)  # before anything is measured
     with tempfile.TemporaryDirectory(prefix="castling-sweep-") as tmp:
         result = profile_sweep(make_model, sizes, baseline=make_baseline if baseline else None, runs=runs,
                                warmup=warmup, threads=threads or 1, workdir=Path(tmp), chart_path=chart_path,

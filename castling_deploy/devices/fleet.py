@@ -77,3 +77,21 @@ def close_all(devices: Iterable[Device]) -> None:
             dev.close()
         except Exception:  # closing is best effort; the socket folder is removed at exit anyway
             log.debug("closing %s failed", dev.uri, exc_info=True)
+
+
+def format_fleet_table(results: Sequence[DeviceResult]) -> str:
+    """Devices side by side: one row per device with its fingerprint summary and latency, errors in place."""
+    head = (f"{'device':<26} {'host / arch':<28} {'runtime':<26} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
+            f"{'img/s':>8} {'RSS MiB':>8}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if not r.ok:
+            lines.append(f"{r.uri:<26} FAILED (exit {r.exit_code}): {r.error}")
+            continue
+        res, fp = r.result, (r.result.get("fingerprint") or {})
+        lat, mem = res["latency_ms"], res.get("memory") or {}
+        host = f"{fp.get('hostname', '?')} / {fp.get('arch', fp.get('machine', '?'))}"[:28]
+        lines.append(f"{r.uri:<26} {host:<28} {str(res.get('runtime', '?'))[:26]:<26} {lat['p50']:>9.3f} "
+                     f"{lat['p90']:>9.3f} {lat['p99']:>9.3f} {lat['throughput_ips']:>8.1f} "
+                     f"{mem.get('peak_rss_mb', float('nan')):>8.1f}")
+    return "\n".join(lines)

@@ -22,13 +22,13 @@ from .scripts import runner_script
 
 log = logging.getLogger("castling_deploy.devices")
 SCHEMA = "castling-deploy/profile/1"  # the local profile schema: a device result is a superset
-KINDS = {".onnx": "onnx", ".tflite": "tflite", ".engine": "tensorrt", ".plan": "tensorrt", ".mlpackage": "coreml"}
 
 
 def artifact_kind(path: Path) -> str:
-    kind = KINDS.get(path.suffix.lower())
-    if kind is None:
-        raise UsageError(f"{path}: unknown artifact type {path.suffix!r}; expected one of {', '.join(sorted(KINDS))}")
+    """The artifact's kind from the one runtime table (castling_deploy.runtime.RUNTIMES); it must exist here."""
+    from ..runtime import artifact_kind as kind_of
+
+    kind = kind_of(path)
     if not path.exists():
         raise UsageError(f"{path}: no such artifact; pass the path of an exported model file")
     return kind

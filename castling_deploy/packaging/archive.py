@@ -21,12 +21,17 @@ from typing import IO, Any
 
 from ..errors import UsageError
 from ..output import atomic_path
+from .checks import validate_manifest
 from .manifest import MANIFEST
 
 MAX_MEMBER_BYTES = 8 * 2**30
 MAX_TOTAL_BYTES = 32 * 2**30
 MAX_MEMBERS = 100_000
 MAX_MANIFEST_BYTES = 64 * 2**20
+# Weights barely compress (float noise): a package whose members claim far more bytes than the archive holds is a
+# decompression bomb. Small packages are exempt (a tiny helper script may compress 100x).
+MAX_EXPANSION = 100
+EXPANSION_EXEMPT_BYTES = 64 * 2**20
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
@@ -161,7 +166,8 @@ class Archive:
 
 
 def check_members(arc: Archive, max_member_bytes: int, max_total_bytes: int) -> list[Member]:
-    """Refuse the whole archive before extracting anything: unsafe names, links/devices, size bombs."""
+    """Refuse the whole archive before extracting anything: unsafe names, links/devices, a name that is both a
+    file and a folder, size bombs (per member, in total, and against the archive's own size)."""
     if len(arc.members) > MAX_MEMBERS:
         raise UsageError(f"{arc.path}: {len(arc.members)} members exceeds the limit of {MAX_MEMBERS}")
     seen: set[str] = set()
@@ -186,23 +192,44 @@ def check_members(arc: Archive, max_member_bytes: int, max_total_bytes: int) -> 
             raise UsageError(f"{arc.path}: members total over the {max_total_bytes}-byte limit")
         m.name = name
         files.append(m)
+    folders = {str(p) for m in arc.members for p in PurePosixPath(m.name).parents} | {
+        PurePosixPath(m.name).as_posix().rstrip("/") for m in arc.members if m.kind == "dir"}
+    clash = sorted(seen & folders)
+    if clash:
+        raise UsageError(f"{arc.path}: member {clash[0]!r} is both a file and a folder; refusing an ambiguous "
+                         "package; nothing was extracted")
+    packed = arc.path.stat().st_size
+    if total > EXPANSION_EXEMPT_BYTES and total > MAX_EXPANSION * packed:
+        raise UsageError(f"{arc.path}: members claim {total} bytes from a {packed}-byte archive (over "
+                         f"{MAX_EXPANSION}x); refusing a decompression bomb; nothing was extracted")
     return files
+
+
+def read_member(arc: Archive, m: Member, limit: int, what: str) -> bytes:
+    """A member's bytes, refusing one larger than ``limit`` (by its header and by what it really holds)."""
+    if m.size > limit:
+        raise UsageError(f"{arc.path}: {what} is implausibly large ({m.size} bytes)")
+    with arc.open(m) as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise UsageError(f"{arc.path}: {what} is larger than its header says")
+    return data
 
 
 def read_manifest(arc: Archive, files: list[Member]) -> dict:
     m = next((f for f in files if f.name == MANIFEST), None)
     if m is None:
         raise UsageError(f"{arc.path}: no {MANIFEST}; not a castling-deploy package")
-    if m.size > MAX_MANIFEST_BYTES:
-        raise UsageError(f"{arc.path}: {MANIFEST} is implausibly large ({m.size} bytes)")
-    with arc.open(m) as fh:
-        try:
-            manifest = json.loads(fh.read(MAX_MANIFEST_BYTES + 1))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{arc.path}: {MANIFEST} is not valid JSON ({exc})") from exc
+    raw = read_member(arc, m, MAX_MANIFEST_BYTES, MANIFEST)
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{arc.path}: {MANIFEST} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise UsageError(f"{arc.path}: {MANIFEST} is nested too deeply to be a manifest") from None
     if not isinstance(manifest, dict) or not str(manifest.get("schema", "")).startswith("castling-deploy/manifest/"):
         raise UsageError(f"{arc.path}: {MANIFEST} has no castling-deploy manifest schema")
-    return manifest
+    return validate_manifest(manifest, f"{arc.path}: {MANIFEST}")
 
 
 def extract_members(arc: Archive, files: list[Member], dest: Path) -> None:
@@ -211,11 +238,15 @@ def extract_members(arc: Archive, files: list[Member], dest: Path) -> None:
         target = (root / m.name).resolve()
         if not target.is_relative_to(root):  # unreachable after check_members; kept as a second lock
             raise UsageError(f"{arc.path}: member {m.name!r} escapes the extraction folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
         written = 0
-        with arc.open(m) as src, open(target, "xb") as dst:
-            for chunk in iter(lambda: src.read(1 << 20), b""):
-                written += len(chunk)
-                if written > m.size:
-                    raise UsageError(f"{arc.path}: member {m.name!r} is larger than its header says")
-                dst.write(chunk)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with arc.open(m) as src, open(target, "xb") as dst:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    written += len(chunk)
+                    if written > m.size:
+                        raise UsageError(f"{arc.path}: member {m.name!r} is larger than its header says")
+                    dst.write(chunk)
+        except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+            raise UsageError(f"{arc.path}: member {m.name!r} collides with another member ({exc.strerror}); "
+                             "refusing an ambiguous package") from None

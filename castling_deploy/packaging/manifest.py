@@ -14,6 +14,7 @@ from ..digest import file_sha256
 from ..errors import ToleranceError, UsageError
 from ..report import ArtifactRecord, Report, load_report
 from ..budget import DEFAULT_TOLERANCE_POINTS
+from .checks import unsafe_path_reason
 
 SCHEMA = "castling-deploy/manifest/1"
 MANIFEST = "manifest.json"
@@ -83,6 +84,22 @@ def _recorded_accuracy(report: Report, artifact: ArtifactRecord) -> dict | None:
     return {k: v for k, v in rec.items() if v is not None}
 
 
+def _artifact_source(tdir: Path, rel: str) -> Path:
+    """The file a report names, which must exist inside its target folder (no link, absolute path or '..')."""
+    reason = unsafe_path_reason(rel)
+    src = tdir / rel
+    if reason is None and not src.resolve().is_relative_to(tdir.resolve()):
+        reason = "resolves outside the folder"
+    if reason:
+        raise UsageError(f"{tdir / 'report.json'}: artifact path {rel[:80]!r} leaves its folder ({reason}); only "
+                         "files inside the export folder can be packaged")
+    if src.is_symlink():
+        raise UsageError(f"{src}: symbolic links cannot be packaged; replace it with the real file")
+    if not src.exists():
+        raise UsageError(f"{src}: listed in report.json but missing; re-run the export")
+    return src
+
+
 def build_manifest(export_dir: Path, *, allow_failed: bool = False) -> tuple[dict, dict[str, Path]]:
     """Manifest (without the ``files`` table) and the archive-name -> source-file map."""
     export_dir = Path(export_dir)
@@ -105,9 +122,9 @@ def build_manifest(export_dir: Path, *, allow_failed: bool = False) -> tuple[dic
             members[f"{prefix}/{f.relative_to(tdir).as_posix()}"] = f
         artifacts = []
         for a in report.artifacts:
-            src = tdir / a.file
-            if not src.exists():
-                raise UsageError(f"{src}: listed in report.json but missing; re-run the export")
+            src = _artifact_source(tdir, a.file)
+            if not src.is_dir() and f"{prefix}/{a.file}" not in members:
+                raise UsageError(f"{src}: listed in report.json but not a regular file of {tdir}; re-run the export")
             runtime = a.runtime or describe_runtime(src)
             entry = {**{k: v for k, v in asdict(a).items() if v is not None}, "file": f"{prefix}/{a.file}",
                      "runtime": runtime}
@@ -182,10 +199,20 @@ def render_readme(manifest: dict) -> str:
     lines += ["", "Accuracy is top-1 on the validation set recorded in `manifest.json` (`targets[].data.val`), "
               "measured by running each file in its runtime against the folded float model in PyTorch; each target "
               "folder's `report.json` has the full error budget (fold → export → fp16 → int8).", "",
-              "Check the package before shipping: `castling-deploy verify <this archive>` (sha256 of every file, "
-              "and the accuracy again when given validation images).", ""]
+              "Check the package before shipping: `castling-deploy verify <this archive> --val IMAGES "
+              "--trust SIGNER.pub` (the signature over every file, then each file's accuracy again on your images; "
+              "without a trusted signature the accuracies recorded here are not evidence).", ""]
     return "\n".join(lines)
 
+
+
+def _num(v: object, spec: str) -> str:
+    """A number from an untrusted manifest formatted with ``spec``, or '-' when it is not one."""
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def _mib(v: object) -> str:
+    return f"{v / 2**20:8.2f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "       -"
 
 
 def _short(digest: object) -> str:
@@ -202,24 +229,25 @@ def format_manifest(manifest: dict) -> str:
              f"built by  castling-deploy {(manifest.get('created_by') or {}).get('version')}", ""]
     for t in manifest.get("targets") or []:
         data = t.get("data") or {}
-        val, calib = data.get("val") or {}, data.get("calib") or {}
+        val, calib = (v if isinstance(v, dict) else {} for v in (data.get("val"), data.get("calib")))
         rv = ", ".join(f"{k} {v}" for k, v in (t.get("runtime_versions") or {}).items())
         lines.append(f"[{t.get('target')}] status {t.get('status')}  runtimes: {rv or '-'}")
         lines.append(f"  val {val.get('count', '-')} images ({_short(val.get('digest'))})  "
                      f"calib {calib.get('count', '-')} ({_short(calib.get('digest'))})")
         for a in t.get("artifacts") or []:
             r = a.get("recorded") or {}
-            acc = f"top-1 {r['top1_acc']:.2f}%" if "top1_acc" in r else "top-1 -"
-            lines.append(f"  {a['file']:<40} {a.get('precision', '?'):<6} {a.get('bytes', 0) / 2**20:8.2f} MiB  "
-                         f"{acc}  (tol {r.get('tolerance_points', '-')} pts)")
+            acc = f"top-1 {_num(r.get('top1_acc'), '.2f')}%"
+            lines.append(f"  {a['file']:<40} {str(a.get('precision', '?')):<6} {_mib(a.get('bytes'))} MiB  "
+                         f"{acc}  (tol {_num(r.get('tolerance_points'), 'g')} pts, as recorded)")
         for s in t.get("error_budget") or []:
             m = s.get("metrics") or {}
-            lines.append(f"    {s.get('stage', '?'):<8} cos {m.get('cosine', float('nan')):.6f}  "
-                         f"max|Δ| {m.get('max_abs_logit', float('nan')):.2e}  "
-                         f"{'ok' if s.get('passed') else 'FAILED'}")
+            lines.append(f"    {str(s.get('stage', '?')):<8} cos {_num(m.get('cosine'), '.6f')}  "
+                         f"max|Δ| {_num(m.get('max_abs_logit'), '.2e')}  "
+                         f"{'ok' if s.get('passed') is True else 'FAILED'}")
         for name, lat in (t.get("latency") or {}).items():  # recorded by `castling-deploy profile`, per file
-            lm = (lat or {}).get("latency_ms") or {}
-            lines.append(f"  latency {name}: p50 {lm.get('p50', '-')} ms  p99 {lm.get('p99', '-')} ms "
+            lat = lat if isinstance(lat, dict) else {}
+            lm = lat.get("latency_ms") if isinstance(lat.get("latency_ms"), dict) else {}
+            lines.append(f"  latency {name}: p50 {_num(lm.get('p50'), 'g')} ms  p99 {_num(lm.get('p99'), 'g')} ms "
                          f"({lat.get('runtime', '?')}, {lat.get('threads') or 'default'} threads, batch {lat.get('batch')})")
     lines.append(f"\n{len(manifest.get('files') or {})} files with sha256 in the manifest")
     return "\n".join(lines)

@@ -23,6 +23,9 @@ from .timer import time_interleaved
 
 SCHEMA = "castling-deploy/profile/1"
 SEED = 0
+MAX_BATCH = 1024
+MAX_INPUT_ELEMENTS = 1 << 28  # one float32 input batch of at most 1 GiB
+SHAPE_HINT = "pass --shape N,C,H,W (API: input_shape=(N, C, H, W))"
 
 
 class RssSampler:
@@ -88,19 +91,66 @@ def infer_input_shape(runner: Any, path: Path, batch: int) -> tuple[int, ...]:
         if len(dims) == 4 and all(isinstance(d, int) and d > 0 for d in dims[1:]):
             return (batch, *(int(d) for d in dims[1:]))
     report = path.parent / "report.json"
-    if report.is_file():
-        data = json.loads(report.read_text())
-        declared = (data.get("input") or {}).get("shape")
-        if isinstance(declared, list) and len(declared) == 4 and all(isinstance(d, int) for d in declared[1:]):
-            return (batch, *(int(d) for d in declared[1:]))
-        pre = data.get("preprocess") or {}
-        if pre.get("input_shape"):
-            return (batch, *(int(d) for d in list(pre["input_shape"])[1:]))
-        size = pre.get("crop") or pre.get("img_size") or pre.get("input_size")
-        if size:
-            h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
-            return (batch, int(pre.get("in_chans", 3)), int(h), int(w))
-    raise UsageError(f"{path}: cannot tell the input shape; pass input_shape=(N, C, H, W)")
+    data = None
+    if report.is_file() and report.stat().st_size < 64 * 2**20:
+        try:
+            data = json.loads(report.read_text())
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            data = None
+    try:  # a report.json is metadata: anything malformed in it means "not known", never a crash
+        shape = _shape_from_report(data, batch) if isinstance(data, dict) else None
+    except (TypeError, ValueError, AttributeError):
+        shape = None
+    if shape is not None:
+        return shape
+    raise UsageError(f"{path}: cannot tell the input shape (the model declares no fixed C, H, W and no report.json "
+                     f"beside it does); {SHAPE_HINT}")
+
+
+def _shape_from_report(data: dict, batch: int) -> tuple[int, ...] | None:
+    declared = (data.get("input") or {}).get("shape")
+    if isinstance(declared, list) and len(declared) == 4 and all(isinstance(d, int) for d in declared[1:]):
+        return (batch, *(int(d) for d in declared[1:]))
+    pre = data.get("preprocess") or {}
+    if pre.get("input_shape"):
+        return (batch, *(int(d) for d in list(pre["input_shape"])[1:]))
+    size = pre.get("crop") or pre.get("img_size") or pre.get("input_size")
+    if size:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+        return (batch, int(pre.get("in_chans", 3)), int(h), int(w))
+    return None
+
+
+def check_input_shape(shape: Any, batch: int | None = None) -> tuple[int, ...]:
+    """A concrete NCHW shape within bounds (batch <= MAX_BATCH, at most MAX_INPUT_ELEMENTS floats), or exit 2."""
+    dims = list(shape) if isinstance(shape, (list, tuple)) else []
+    if len(dims) != 4 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+        raise UsageError(f"input shape {shape}: expected 4 positive integers N,C,H,W")
+    if batch is not None:
+        dims[0] = batch
+    if dims[0] > MAX_BATCH:
+        raise UsageError(f"batch {dims[0]}: at most {MAX_BATCH} images per batch can be profiled")
+    if int(np.prod(dims, dtype=np.int64)) > MAX_INPUT_ELEMENTS:
+        raise UsageError(f"input shape {tuple(dims)}: {int(np.prod(dims, dtype=np.int64))} values is over the "
+                         f"limit of {MAX_INPUT_ELEMENTS} (1 GiB of float32); use a smaller batch or size")
+    return tuple(dims)
+
+
+def check_chart_destination(path: Path) -> Path:
+    """Refuse, before anything is measured, a chart path that cannot be written (exit 2) or a missing matplotlib
+    (exit 4)."""
+    from ..optional import import_optional
+
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"--chart {path}: is a folder; pass a file name such as {path / 'latency.png'}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UsageError(f"--chart {path}: {parent} is not an existing folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--chart {path}: {parent} is not writable; pass --chart in a writable folder")
+    import_optional("matplotlib", "matplotlib", "profile", "latency charts")
+    return path
 
 
 def latency_stats(lat_ms: np.ndarray, batch: int) -> dict[str, float]:
@@ -140,15 +190,20 @@ def profile_artifact(
     path = Path(path)
     if runs < 1 or warmup < 0 or batch < 1:
         raise UsageError(f"need runs >= 1, warmup >= 0, batch >= 1 (got {runs}, {warmup}, {batch})")
+    if batch > MAX_BATCH:
+        raise UsageError(f"--batch {batch}: at most {MAX_BATCH} images per batch can be profiled")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1 (got {threads})")
+    if input_shape is not None:
+        check_input_shape(input_shape, batch)
     kind = artifact_kind(path)
+    if chart_path is not None:
+        check_chart_destination(Path(chart_path))
     with RssSampler() as load_mem:
         t0 = time.perf_counter()
         runner = load_runner(path, threads=threads)
         load_ms = (time.perf_counter() - t0) * 1000.0
-    shape = tuple(input_shape) if input_shape else infer_input_shape(runner, path, batch)
-    shape = (batch, *shape[1:])
+    shape = check_input_shape(tuple(input_shape) if input_shape else infer_input_shape(runner, path, batch), batch)
     x = np.random.default_rng(SEED).standard_normal(shape, dtype=np.float32)
 
     with RssSampler() as run_mem, ProgressBar(warmup + runs, f"profiling {path.name}", enabled=progress) as bar:

@@ -1,0 +1,129 @@
+"""``verify --val``: every model file in a package re-measured here, against goals the *verifier* sets.
+
+The package's recorded accuracies, tolerances and artifact list are claims by whoever wrote the package. So:
+- the files to re-measure are found from the package's files (every file a runtime can load), not from the
+  manifest's artifact list, which only adds precision and recorded accuracy;
+- the tolerance is the verifier's own (``--tolerance``, default 0.5 points); the manifest's is never used;
+- every artifact must stay within the tolerance of the best fp32 artifact measured here (the float reference the
+  export verified against is not in the package), and above ``--min-top1`` when given;
+- only when the package is signed by a key the verifier trusts is each artifact also held to the accuracy
+  recorded at export (measured top-1 within the tolerance of it).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from ..errors import MissingDependencyError, UsageError
+from .checks import resolve_inside
+
+
+def model_files(files: dict[str, Any]) -> list[str]:
+    """Every model a runtime can load in a package's file table: files with a runtime suffix, and folder models
+    (``.mlpackage``) by their folder."""
+    from ..runtime import RUNTIMES
+
+    found: set[str] = set()
+    for name in files:
+        parts = name.split("/")
+        for i, part in enumerate(parts):
+            suffix = PurePosixPath(part).suffix.lower()
+            if suffix in RUNTIMES and (i == len(parts) - 1 or RUNTIMES[suffix].kind == "coreml"):
+                found.add("/".join(parts[: i + 1]))
+                break
+    return sorted(found)
+
+
+def check_artifact_entries(manifest: dict, source: str) -> None:
+    """Each artifact the manifest describes must be one of the package's files or folders (exit 2 otherwise)."""
+    files = manifest["files"]
+    for t in manifest["targets"]:
+        for a in t.get("artifacts") or []:
+            name = a["file"]
+            if name not in files and not any(f.startswith(name + "/") for f in files):
+                raise UsageError(f"{source}: artifact {name!r} is not one of the package's files")
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def rerun_accuracy(dest: Path, manifest: dict, images: np.ndarray, labels: np.ndarray, *, batch: int,
+                   tolerance: float, trusted: bool, min_top1: float | None) -> tuple[list[dict], list[str]]:
+    """Measure every model file on (images, labels); returns the rows and the failed goals (one line each)."""
+    from ..runtime import load_runner
+    from ..runtime.base import run_batched
+
+    meta: dict[str, tuple[dict, dict]] = {}
+    for t in manifest["targets"]:
+        for a in t.get("artifacts") or []:
+            meta.setdefault(a["file"], (t, a))
+    models = model_files(manifest["files"])
+    rows: list[dict[str, Any]] = []
+    for name in sorted(set(meta) - set(models)):
+        t, a = meta[name]
+        rows.append({"target": t.get("target"), "file": name, "status": "skipped",
+                     "reason": "not a model file (helper script or data)"})
+    for name in models:
+        t, a = meta.get(name, ({}, {}))
+        rec = a.get("recorded") or {}
+        row: dict[str, Any] = {"target": t.get("target"), "file": name, "precision": a.get("precision", "?"),
+                               "recorded_top1": _number(rec.get("top1_acc")), "recorded_trusted": trusted}
+        try:
+            runner = load_runner(resolve_inside(dest, name, "artifact"))
+        except MissingDependencyError as exc:
+            rows.append({**row, "status": "skipped", "reason": str(exc)})
+            continue
+        logits = run_batched(runner, images, batch)
+        acc = float((logits.argmax(1) == labels).mean() * 100)
+        rows.append({**row, "runtime": runner.name, "n": len(labels), "measured_top1": round(acc, 4)})
+    return rows, _apply_goals(rows, tolerance=tolerance, trusted=trusted, min_top1=min_top1)
+
+
+def _apply_goals(rows: list[dict], *, tolerance: float, trusted: bool, min_top1: float | None) -> list[str]:
+    measured = [r for r in rows if "measured_top1" in r]
+    if not measured:
+        return []
+    pool = [r for r in measured if r["precision"] == "fp32"] or measured
+    ref = max(pool, key=lambda r: r["measured_top1"])
+    kind = "fp32 artifact" if ref["precision"] == "fp32" else "artifact"
+    failures: list[str] = []
+    for r in measured:
+        acc = r["measured_top1"]
+        ok = True
+        r["reference"] = ref["file"]
+        r["drop_vs_reference"] = round(ref["measured_top1"] - acc, 4)
+        if r["drop_vs_reference"] > tolerance + 1e-9:
+            ok = False
+            failures.append(f"{r['file']}: top-1 {acc:.2f}% is {r['drop_vs_reference']:.2f} points below "
+                            f"{ref['file']} ({ref['measured_top1']:.2f}%), the best {kind} measured here "
+                            f"(tolerance {tolerance:g} points)")
+        if trusted and r["recorded_top1"] is not None:
+            r["drop_vs_recorded"] = round(r["recorded_top1"] - acc, 4)
+            if r["drop_vs_recorded"] > tolerance + 1e-9:
+                ok = False
+                failures.append(f"{r['file']}: top-1 {acc:.2f}% vs {r['recorded_top1']:.2f}% recorded at export "
+                                f"and signed (drop {r['drop_vs_recorded']:.2f} > {tolerance:g} points)")
+        if min_top1 is not None and acc < min_top1 - 1e-9:
+            ok = False
+            failures.append(f"{r['file']}: top-1 {acc:.2f}% is below --min-top1 {min_top1:g}%")
+        r["status"] = "passed" if ok else "failed"
+    return failures
+
+
+def format_rows(rows: list[dict], trusted: bool) -> list[str]:
+    lines = []
+    for r in rows:
+        if "measured_top1" not in r:
+            lines.append(f"  {r['file']:<40} {r['status']}: {r.get('reason', '')}")
+            continue
+        rec = f"{r['recorded_top1']:.2f}%" if r.get("recorded_top1") is not None else "-"
+        vs = f"{r['drop_vs_reference']:+.2f} vs best"
+        if "drop_vs_recorded" in r:
+            vs += f", {r['drop_vs_recorded']:+.2f} vs recorded"
+        lines.append(f"  {r['file']:<40} top-1 {r['measured_top1']:.2f}% (recorded {rec}"
+                     f"{'' if trusted else ', not trusted'}; drop {vs})  {r['status']}")
+    return lines
