@@ -151,12 +151,14 @@ def package(export_dir: PathLike, out_file: PathLike, *, allow_failed: bool = Fa
 
 def verify(file: PathLike, *, val: PathLike | None = None, limit: int | None = None,
            tolerance: float = DEFAULT_TOLERANCE_POINTS, trust: PathLike | None = None,
-           min_top1: float | None = None) -> dict[str, Any]:
+           min_top1: float | None = None, devices: Iterable[str] = (), python: str | None = None,
+           ssh_config: PathLike | None = None) -> dict[str, Any]:
     """Check a package: with ``trust`` (a PEM public key) its signature must be valid; every sha256; and, with
     ``val`` (labelled images), each model file's accuracy re-measured against *your* goals: within ``tolerance``
     points of the best fp32 artifact measured, above ``min_top1`` when given, and — only when signed by the
     trusted key — within ``tolerance`` of the accuracy recorded at export. The package's own tolerance is never
-    used. Raises ``ToleranceError`` (its ``.result`` holds the details) when the package fails."""
+    used. With ``devices`` (URIs), the model files run on each device instead (their fingerprints are in the
+    result). Raises ``ToleranceError`` (its ``.result`` holds the details) when the package fails."""
     from .data import load_image_set
     from .errors import DataError
     from .packaging import inspect_package, verify_package
@@ -169,8 +171,49 @@ def verify(file: PathLike, *, val: PathLike | None = None, limit: int | None = N
         if data.labels is None:
             raise DataError(f"{val}: accuracy needs labeled images (class_name/xxx.png subfolders)")
         images, labels = data.images, data.labels
-    return verify_package(Path(file), val_images=images, val_labels=labels, tolerance=tolerance,
-                          trust=Path(trust) if trust is not None else None, min_top1=min_top1)
+    kw = dict(val_images=images, val_labels=labels, tolerance=tolerance,
+              trust=Path(trust) if trust is not None else None, min_top1=min_top1)
+    if not devices:
+        return verify_package(Path(file), **kw)
+    if images is None:
+        raise UsageError("verify --device runs the package's models on the device: pass --val DIR (labelled images)")
+    return _verify_on_devices(Path(file), list(devices), python, Path(ssh_config) if ssh_config else None, kw)
+
+
+def _verify_on_devices(file: Path, uris: list[str], python: str | None, ssh_config: Path | None,
+                       kw: dict[str, Any]) -> dict[str, Any]:
+    """The package checked here (signature, hashes), its model files run on each device on the val images and
+    held to the same goals; one entry per device with its fingerprint. Any device missing a goal fails."""
+    from .devices import close_all, logits_on_device, map_devices, parse_device
+    from .packaging import verify_package
+
+    devs = [parse_device(u, python=python, ssh_config=ssh_config) for u in uris]
+
+    def on(dev: Any) -> dict[str, Any]:
+        def run(path: Path, x: Any) -> tuple[Any, str]:
+            return logits_on_device(dev, path, x), f"{dev.uri} ({path.suffix[1:]} runtime on the device)"
+
+        try:
+            res = verify_package(file, logits_fn=run, **kw)
+        except ToleranceError as exc:
+            res = getattr(exc, "result", None) or {"status": "failed", "failures": [str(exc)]}
+        return {**res, "device": dev.uri, "fingerprint": dev.fingerprint()}
+
+    try:
+        results = map_devices(devs, on, what=f"verify {file.name}")
+    finally:
+        close_all(devs)
+    out = {"package": str(file), "devices": [r.result if r.ok else {"device": r.uri, "status": "error",
+                                                                      "error": r.error, "exit_code": r.exit_code}
+                                             for r in results]}
+    failed = [d for d in out["devices"] if d.get("status") != "passed"]
+    out["status"] = "failed" if failed else "passed"
+    if failed:
+        err = ToleranceError(f"{file}: " + "; ".join(f"{d['device']}: " + (d.get("error") or ", ".join(
+            d.get("failures") or ["failed"])) for d in failed))
+        err.result = out  # type: ignore[attr-defined]
+        raise err
+    return out
 
 
 def profile_on_devices(artifact: PathLike, devices: Iterable[str], *, python: str | None = None,

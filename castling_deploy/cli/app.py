@@ -82,6 +82,20 @@ def val_options(func: Callable[..., Any]) -> Callable[..., Any]:
                         help="Validation images (class subfolders give labels) to measure accuracy on.")(func)
 
 
+def device_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--device URI (repeatable), --device-python, --ssh-config, --benchmark-model: where a command runs."""
+    func = click.option("--benchmark-model", type=click.Path(path_type=Path),
+                        help="adb devices: LiteRT's benchmark_model binary for the phone's ABI (pushed to "
+                             "/data/local/tmp).")(func)
+    func = click.option("--ssh-config", type=click.Path(path_type=Path),
+                        help="OpenSSH client config passed as `ssh -F` (default: your ~/.ssh/config; also "
+                             "$CASTLING_DEPLOY_SSH_CONFIG).")(func)
+    func = click.option("--device-python", help="Interpreter on an SSH device (default: python3).")(func)
+    return click.option("--device", "devices", multiple=True, metavar="URI",
+                        help="Run on a device: ssh://[user@]host[:port], adb:SERIAL (adb: = the only one), or "
+                             "local. Repeat for a fleet (run concurrently).")(func)
+
+
 def verbose_flag() -> bool:
     return bool((click.get_current_context().find_root().obj or {}).get("verbose"))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import ToleranceError
-from .app import cli, emit_json, handle_errors, json_option
+from .app import cli, device_options, emit_json, handle_errors, json_option
 
 
 @cli.command()
@@ -50,23 +50,39 @@ def inspect_cmd(file: Path, as_json: bool) -> None:
 @click.option("--tolerance", type=float, default=0.5, show_default=True,
               help="Your largest allowed top-1 drop (points); the package's own tolerance is never used.")
 @click.option("--min-top1", type=float, help="Your lowest acceptable top-1 (%) for every model file.")
+@device_options
 @json_option
 @handle_errors
 def verify_cmd(file: Path, val: Path | None, limit: int | None, trust: Path | None, tolerance: float,
-               min_top1: float | None, as_json: bool) -> None:
+               min_top1: float | None, devices: tuple[str, ...], device_python: str | None,
+               ssh_config: Path | None, benchmark_model: Path | None, as_json: bool) -> None:
     """Check a package's signature (--trust), every hash (exit 3 on tampering) and, with --val, each model file's
-    accuracy against your goals."""
+    accuracy against your goals — here, or with --device URI on the device itself (each device's fingerprint
+    goes into the result; a device that misses a goal exits 3)."""
     from .. import api
-    from ..packaging import format_verify_result
 
     try:
-        result = api.verify(file, val=val, limit=limit, tolerance=tolerance, trust=trust, min_top1=min_top1)
+        result = api.verify(file, val=val, limit=limit, tolerance=tolerance, trust=trust, min_top1=min_top1,
+                            devices=devices, python=device_python, ssh_config=ssh_config)
     except ToleranceError as exc:
         result = getattr(exc, "result", None)
         if result is not None:
-            emit_json(result) if as_json else click.echo(format_verify_result(result), err=True)
+            emit_json(result) if as_json else click.echo(_format(result), err=True)
         raise
-    emit_json(result) if as_json else click.echo(format_verify_result(result))
+    emit_json(result) if as_json else click.echo(_format(result))
+
+
+def _format(result: dict) -> str:
+    from ..packaging import format_verify_result
+
+    if "devices" not in result:
+        return format_verify_result(result)
+    out = []
+    for d in result["devices"]:
+        fp = d.get("fingerprint") or {}
+        out.append(f"[{d['device']}] {fp.get('hostname', '?')} {fp.get('arch', '')} {fp.get('os_release', '')}")
+        out.append(format_verify_result(d) if "integrity" in d else f"  error: {d.get('error')}")
+    return "\n".join(out)
 
 
 @cli.command("keygen")

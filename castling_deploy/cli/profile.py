@@ -11,7 +11,7 @@ from typing import Any, Callable
 import click
 
 from ..errors import UsageError
-from .app import cli, emit_json, handle_errors, json_option
+from .app import cli, device_options, emit_json, handle_errors, json_option
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,25 @@ def _parse_sizes(text: str) -> list[int]:
 @click.option("--sweep", help="Comma-separated resolutions: ARTIFACT is then a checkpoint re-exported at each.")
 @click.option("--baseline", type=click.Choice(["softmax"]), help="With --sweep: also the softmax-attention baseline.")
 @click.option("--arch", help="With --sweep: architecture of a foreign checkpoint, or a registry name with no file.")
+@device_options
 @json_option
 @handle_errors
 def profile(artifact: Path, runs: int, warmup: int, threads: int | None, batch: int | None, shape: str | None,
             chart: Path | None, no_per_op: bool, sweep: str | None, baseline: str | None, arch: str | None,
-            as_json: bool) -> None:
-    """Latency of an exported ARTIFACT on its runtime: load time, p50/p90/p99, throughput, memory, per-op."""
+            devices: tuple[str, ...], device_python: str | None, ssh_config: Path | None,
+            benchmark_model: Path | None, as_json: bool) -> None:
+    """Latency of an exported ARTIFACT on its runtime: load time, p50/p90/p99, throughput, memory, per-op.
+
+    \b
+    With --device URI (repeatable: a fleet runs concurrently) it runs where you deploy instead:
+      ssh://[user@]host[:port]  any machine your OpenSSH setup reaches (aliases, keys, agents, jump hosts);
+                                the artifact is pushed once, by content hash, to ~/.cache/castling-deploy/
+                                artifacts/<sha256>/ there and run by a self-contained script on --device-python
+      adb:SERIAL (adb: = the only phone)  LiteRT's benchmark_model (--benchmark-model PATH), pushed to
+                                /data/local/tmp/castling-deploy/
+      local                     this machine through the same code path
+    Each result carries the device's fingerprint and is appended to the report.json beside the artifact.
+    """
     from ..profiling import format_profile_table, profile_artifact
     from ..profiling.latency import MAX_BATCH, check_chart_destination, check_input_shape
     from ..report import record_latency
@@ -60,6 +73,12 @@ def profile(artifact: Path, runs: int, warmup: int, threads: int | None, batch: 
     if batch > MAX_BATCH:
         raise UsageError(f"--batch {batch}: at most {MAX_BATCH} images per batch can be profiled")
     progress = sys.stderr.isatty()
+    if devices:
+        if sweep is not None or chart is not None:
+            raise UsageError("--device profiles one artifact on its devices; drop --sweep / --chart")
+        _on_devices(artifact, devices, device_python, ssh_config, benchmark_model, runs=runs, warmup=warmup,
+                    threads=threads, batch=batch, shape=input_shape, as_json=as_json)
+        return
     if sweep is not None:
         if shape is not None:
             raise UsageError("--shape applies to a single artifact; --sweep takes its sizes from --sweep")
@@ -85,6 +104,29 @@ def profile(artifact: Path, runs: int, warmup: int, threads: int | None, batch: 
         log.warning("%s: timed with the MIL reference interpreter (numpy), not Core ML; this is not the "
                     "latency on an Apple device and is not recorded in report.json", artifact.name)
     emit_json(result) if as_json else click.echo(format_profile_table(result))
+
+
+def _on_devices(artifact: Path, devices: tuple[str, ...], python: str | None, ssh_config: Path | None,
+                benchmark_model: Path | None, *, as_json: bool, **kw: Any) -> None:
+    """One side-by-side table (or one JSON document) for the fleet; the worst device's exit code."""
+    from .. import api
+    from ..devices import fleet_exit_code
+    from ..devices.fleet import format_fleet_table
+
+    results = api.profile_on_devices(artifact, devices, python=python, ssh_config=ssh_config,
+                                     benchmark_model=benchmark_model, record=kw["shape"] is None, **kw)
+    if as_json:
+        emit_json({"artifact": str(artifact), "devices": [
+            {"uri": r.uri, "ok": r.ok, "exit_code": r.exit_code, "error": r.error, "result": r.result,
+             "seconds": round(r.seconds, 2)} for r in results]})
+    else:
+        click.echo(format_fleet_table(results))
+    code = fleet_exit_code(results)
+    if code:
+        failed = [r for r in results if not r.ok]
+        click.echo(f"error: {len(failed)} of {len(results)} devices failed: " + "; ".join(
+            str(r.error) for r in failed), err=True)
+        sys.exit(code)
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:

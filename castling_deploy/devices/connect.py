@@ -12,6 +12,8 @@ from .local import LocalDevice
 from .ssh import SshDevice
 from .uri import SSH_CONFIG_ENV, parse_uri
 
+DEVICE_CACHE_ENV = "CASTLING_DEPLOY_DEVICE_CACHE"
+
 
 def parse_device(
     uri: str,
@@ -27,6 +29,8 @@ def parse_device(
     interpreter for ``local``); ``ssh_config`` (or $CASTLING_DEPLOY_SSH_CONFIG) is passed as ``ssh -F``;
     ``benchmark_model`` is the LiteRT benchmark binary pushed to adb devices. Nothing connects until first use."""
     spec = parse_uri(uri)
+    # Where artifacts are cached ON the device (default ~/.cache/castling-deploy/artifacts there).
+    cache_dir = cache_dir or os.environ.get(DEVICE_CACHE_ENV) or None
     if spec.kind == "local":
         return LocalDevice(python=python or sys.executable, cache_dir=cache_dir, tmp_dir=tmp_dir)
     if spec.kind == "ssh":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Callable, Any
 
 import numpy as np
 
@@ -51,11 +51,29 @@ def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def rerun_accuracy(dest: Path, manifest: dict, images: np.ndarray, labels: np.ndarray, *, batch: int,
-                   tolerance: float, trusted: bool, min_top1: float | None) -> tuple[list[dict], list[str]]:
-    """Measure every model file on (images, labels); returns the rows and the failed goals (one line each)."""
+LogitsFn = Callable[[Path, np.ndarray], tuple[np.ndarray, str]]
+
+
+def local_logits(batch: int) -> LogitsFn:
+    """Run a model file here with the runtime its suffix implies: (logits, runtime name)."""
     from ..runtime import load_runner
     from ..runtime.base import run_batched
+
+    def run(path: Path, images: np.ndarray) -> tuple[np.ndarray, str]:
+        runner = load_runner(path)
+        return run_batched(runner, images, batch), runner.name
+
+    return run
+
+
+def rerun_accuracy(dest: Path, manifest: dict, images: np.ndarray, labels: np.ndarray, *, batch: int,
+                   tolerance: float, trusted: bool, min_top1: float | None,
+                   logits_fn: LogitsFn | None = None) -> tuple[list[dict], list[str]]:
+    """Measure every model file on (images, labels) — here, or wherever ``logits_fn`` runs it (a device);
+    returns the rows and the failed goals (one line each). A file whose runtime is absent is skipped, said so."""
+    from ..devices import DeviceRuntimeMissing, DeviceUsageError
+
+    logits_fn = logits_fn or local_logits(batch)
 
     meta: dict[str, tuple[dict, dict]] = {}
     for t in manifest["targets"]:
@@ -73,13 +91,12 @@ def rerun_accuracy(dest: Path, manifest: dict, images: np.ndarray, labels: np.nd
         row: dict[str, Any] = {"target": t.get("target"), "file": name, "precision": a.get("precision", "?"),
                                "recorded_top1": _number(rec.get("top1_acc")), "recorded_trusted": trusted}
         try:
-            runner = load_runner(resolve_inside(dest, name, "artifact"))
-        except MissingDependencyError as exc:
+            logits, runtime = logits_fn(resolve_inside(dest, name, "artifact"), images)
+        except (MissingDependencyError, DeviceRuntimeMissing, DeviceUsageError) as exc:  # no runtime for it there
             rows.append({**row, "status": "skipped", "reason": str(exc)})
             continue
-        logits = run_batched(runner, images, batch)
-        acc = float((logits.argmax(1) == labels).mean() * 100)
-        rows.append({**row, "runtime": runner.name, "n": len(labels), "measured_top1": round(acc, 4)})
+        acc = float((np.asarray(logits).argmax(1) == labels).mean() * 100)
+        rows.append({**row, "runtime": runtime, "n": len(labels), "measured_top1": round(acc, 4)})
     return rows, _apply_goals(rows, tolerance=tolerance, trusted=trusted, min_top1=min_top1)
 
 

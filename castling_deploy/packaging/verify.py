@@ -24,7 +24,7 @@ import numpy as np
 
 from ..budget import DEFAULT_TOLERANCE_POINTS
 from ..errors import DiskFullError, ToleranceError, UsageError
-from .accuracy import check_artifact_entries, format_rows, rerun_accuracy
+from .accuracy import LogitsFn, check_artifact_entries, format_rows, rerun_accuracy
 from .archive import (
     MAX_MANIFEST_BYTES,
     MAX_MEMBER_BYTES,
@@ -106,6 +106,7 @@ def verify_package(
     tolerance: float = DEFAULT_TOLERANCE_POINTS,
     trust: Path | None = None,
     min_top1: float | None = None,
+    logits_fn: LogitsFn | None = None,
 ) -> dict:
     """Check a package and optionally re-measure top-1 accuracy against the verifier's own goals.
 
@@ -176,7 +177,7 @@ def verify_package(
             raise
     try:
         result["extracted_to"] = str(dest) if keep else None
-        _after_extraction(file, dest, manifest, subjects, result, val_images, val_labels, batch)
+        _after_extraction(file, dest, manifest, subjects, result, val_images, val_labels, batch, logits_fn)
         return result
     finally:
         if not keep:
@@ -184,7 +185,8 @@ def verify_package(
 
 
 def _after_extraction(file: Path, dest: Path, manifest: dict, subjects: dict[str, str] | None, result: dict,
-                      val_images: np.ndarray | None, val_labels: np.ndarray | None, batch: int) -> None:
+                      val_images: np.ndarray | None, val_labels: np.ndarray | None, batch: int,
+                      logits_fn: LogitsFn | None = None) -> None:
     listed: dict[str, dict] = manifest["files"]
     digests = {n: sha256_file(resolve_inside(dest, n, "package file")) for n in listed}
     integrity = result["integrity"]
@@ -208,7 +210,7 @@ def _after_extraction(file: Path, dest: Path, manifest: dict, subjects: dict[str
         labels = np.asarray(val_labels).astype(np.int64)
         rows, failures = rerun_accuracy(dest, manifest, np.asarray(val_images, dtype=np.float32), labels,
                                         batch=batch, tolerance=result["goals"]["tolerance_points"],
-                                        trusted=trusted, min_top1=result["goals"]["min_top1"])
+                                        trusted=trusted, min_top1=result["goals"]["min_top1"], logits_fn=logits_fn)
         result["accuracy"] = rows
         if not trusted:
             why = "package unsigned" if sig["status"] == "unsigned" else "signature not checked: no --trust key"
