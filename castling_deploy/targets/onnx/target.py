@@ -85,10 +85,43 @@ def quantize_int8(sess: ExportSession, fp32: Path, out: Path, target: str, outco
     log.info("quantizing to INT8 QDQ (%s calibration, %d images)", recipe.calibration, min(len(calib), opts.calib_size))
     info = quantize_onnx(fp32, out, calib, recipe)
     quant.update(info)
+    if target == "onnx":
+        quant["per_op"] = _per_op(out, sess.img_size)
     outcome.quantization = quant
     stage = sess.verify("int8", candidate, OrtRunner(out), precision="int8")
     outcome.stages.append(stage)
     return stage
+
+
+def _per_op(path: Path, img_size: int) -> dict[str, Any]:
+    """Where the INT8 artifact's time goes on ONNX Runtime CPU (1 thread, batch 1), per op type ORT ran; a profile
+    that fails is reported as such rather than failing the export."""
+    import platform
+
+    from ...quantize.op_profile import op_time_table
+
+    try:
+        table = op_time_table(path, runs=10, warmup=3, img_size=img_size)
+    except Exception as exc:  # the profile is information only
+        log.warning("per-op profile of %s failed: %s", path.name, str(exc).splitlines()[0][:200])
+        return {"error": str(exc).splitlines()[0][:200]}
+    table["host"] = platform.machine()
+    table["isa"] = cpu_isa()
+    return table
+
+
+def cpu_isa() -> str:
+    """The x86 int8 features ORT's kernels care about (VNNI avoids the u8*s8 int16 saturation), or the machine."""
+    import platform
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    flags = next((set(ln.split(":", 1)[1].split()) for ln in text.splitlines() if ln.startswith(("flags", "Features"))),
+                 set())
+    have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm") if f in flags]
+    return " ".join(have) or platform.machine()
 
 
 def build(sess: ExportSession, work: Path) -> TargetOutcome:
