@@ -34,7 +34,27 @@ from castling_deploy.quiet import quiet_native_output  # noqa: E402
 log = logging.getLogger("bench_litert")
 
 MODES = ("fp32", "int8", "full_integer")
+PEER = "peer_full_integer"  # LiteRT's quantizer defaults (static_wi8_ai8, its own calibration) on model.tflite
 BASELINE = "ort_fp32"
+
+
+def _isa() -> str:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return platform.machine()
+    keep = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    return " ".join(keep) or platform.machine()
+
+
+def _image_like(n: int, s: int, seed: int) -> np.ndarray:
+    """N(0,1) noise on a 28x28 grid, bicubic to s x s, unit std: smooth like pictures (docs: int8.md)."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.randn(n, 3, 28, 28, generator=g), size=(s, s), mode="bicubic", align_corners=False)
+    return (x / x.std()).numpy().astype(np.float32)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -42,14 +62,16 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _fidelity(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
-    """Cosine of logits per image (min/mean), max |diff| and top-1 agreement against the torch reference."""
+    """Cosine of logits per image (min/mean), max |diff|, SQNR (dB) and top-1 agreement against ``ref``."""
     ref, out = ref.astype(np.float64), out.astype(np.float64)
+    sqnr = 10 * np.log10(np.sum(ref**2) / max(float(np.sum((ref - out) ** 2)), 1e-30))
     cos = np.sum(ref * out, 1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1), 1e-30)
     return {
         "cosine_min": round(float(cos.min()), 6),
         "cosine_mean": round(float(cos.mean()), 6),
         "max_abs_diff": round(float(np.abs(ref - out).max()), 6),
         "top1_agreement": round(float(np.mean(ref.argmax(1) == out.argmax(1))), 4),
+        "sqnr_db": round(float(sqnr), 2),
     }
 
 
@@ -66,19 +88,20 @@ def _table(result: dict[str, Any]) -> str:
     arts = result["artifacts"]
     lines = [
         "| variant | threads | p50 ms | p90 ms | × LiteRT fp32 (p50) | MB | convert s | cosine min | "
-        "max abs Δ | top-1 agree | int8 tensors | float acts (excl. I/O) |",
+        "SQNR dB | top-1 agree | int8 tensors | ops on XNNPACK |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["latency"]:
         a = arts[row["variant"]]
         census = a.get("census") or {}
         int8 = f"{100 * census['int8_tensor_fraction']:.1f}%" if census else "–"
-        facts = str(census.get("float_activation_tensors_excluding_io", "–")) if census else "–"
+        dele = a.get("delegation")
+        facts = f"{dele['ops_on_xnnpack']}/{dele['ops_total']}" if dele else "–"
         f = a["fidelity"]
         lines.append(
             f"| {a['label']} | {row['threads']} | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | "
             f"{row['ratio_vs_litert_fp32']:.2f}× | {a['file_bytes'] / 1e6:.2f} | {a['conversion_seconds']:.1f} | "
-            f"{f['cosine_min']:.5f} | {f['max_abs_diff']:.4f} | {f['top1_agreement']:.3f} | {int8} | {facts} |"
+            f"{f['cosine_min']:.5f} | {f['sqnr_db']:.1f} | {f['top1_agreement']:.3f} | {int8} | {facts} |"
         )
     return "\n".join(lines)
 
@@ -91,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--calib", type=int, default=32, help="seeded N(0,1) calibration inputs")
-    ap.add_argument("--eval", type=int, default=16, help="held-out N(0,1) inputs for the logit comparison")
+    ap.add_argument("--calib", type=int, default=64, help="seeded image-like calibration inputs")
+    ap.add_argument("--eval", type=int, default=32, help="held-out image-like inputs for the logit comparison")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -105,15 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     from castling_deploy.models import create_model
     from castling_deploy.runtime.litert import LiteRTRunner
     from castling_deploy.runtime.ort import OrtRunner
-    from castling_deploy.targets.tflite.convert import _version, convert_tflite
+    from castling_deploy.targets.tflite.census import delegation_split
+    from castling_deploy.targets.tflite.convert import _float_io, _version, convert_tflite
+    from castling_deploy.targets.tflite.full_integer import quantize_defaults
 
     t_start = time.perf_counter()
     torch.manual_seed(0)
     model = create_model(args.arch, form="deploy", img_size=args.img_size).eval()
     s = args.img_size
-    rng = np.random.default_rng(0)
-    calib = rng.standard_normal((args.calib, 3, s, s), dtype=np.float32)
-    held = rng.standard_normal((args.eval, 3, s, s), dtype=np.float32)  # drawn after calib: disjoint
+    calib = _image_like(args.calib, s, seed=1)
+    held = _image_like(args.eval, s, seed=2)  # another seed: disjoint
     with torch.no_grad():
         ref = torch.cat([model(torch.from_numpy(held[i : i + 8])) for i in range(0, len(held), 8)]).numpy()
 
@@ -130,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                     model, path, mode=mode, calib_images=None if mode == "fp32" else calib, img_size=s,
                     io_dtype="float32",
                 )
+            info.pop("float_twin", None)
             census = info["census"]
             paths[mode] = path
             artifacts[mode] = {
@@ -153,6 +178,18 @@ def main(argv: list[str] | None = None) -> int:
                 artifacts[mode]["norm_rewrite_max_abs_diff"] = info["norm_rewrite_max_abs_diff"]
             log.info("%s: %.1f s, %.2f MB, int8 tensors %.1f%%", mode, info["conversion_seconds"],
                      info["file_bytes"] / 1e6, 100 * census["int8_tensor_fraction"])
+        log.info("converting %s (quantizer defaults on fp32.tflite) ...", PEER)
+        t0 = time.perf_counter()
+        peer = _float_io(quantize_defaults(paths["fp32"].read_bytes(), calib))
+        paths[PEER] = Path(tmp) / f"{PEER}.tflite"
+        paths[PEER].write_bytes(peer)
+        artifacts[PEER] = {
+            "label": "peer: LiteRT quantizer defaults (static_wi8_ai8)", "runtime": "litert",
+            "conversion_seconds": round(time.perf_counter() - t0, 3), "file_bytes": len(peer), "census": None,
+            "notes": ["litert-quantizer recipe.static_wi8_ai8() + Quantizer.calibrate defaults on model.tflite"],
+        }
+        for name in (*MODES, PEER):
+            artifacts[name]["delegation"] = delegation_split(paths[name])
         onnx_path = Path(tmp) / "fp32.onnx"
         log.info("exporting ONNX ...")
         with quiet_native_output(enabled=False):
@@ -162,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             "label": "ORT fp32 (ONNX)", "runtime": "onnxruntime", "conversion_seconds": oinfo["total_seconds"],
             "file_bytes": oinfo["bytes"], "simplifier": oinfo["simplifier"], "census": None,
         }
-        order = [*MODES, BASELINE]
+        order = [*MODES, PEER, BASELINE]
 
         def load(name: str, threads: int) -> Any:
             cls = OrtRunner if name == BASELINE else LiteRTRunner
@@ -171,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in order:  # fidelity is thread-independent: measure once, with the first thread count
             runner = load(name, args.threads[0])
             out = np.concatenate([runner.run(held[i : i + 1]) for i in range(len(held))])
-            artifacts[name]["fidelity"] = _fidelity(ref, out)
+            if name == "fp32":
+                ref_tflite = out
+            artifacts[name]["fidelity"] = _fidelity(ref_tflite, out)  # vs its own fp32 .tflite
+            artifacts[name]["fidelity_vs_torch"] = _fidelity(ref, out)
             log.info("%s: cosine min %.6f, max |Δ| %.4g", name, artifacts[name]["fidelity"]["cosine_min"],
                      artifacts[name]["fidelity"]["max_abs_diff"])
             del runner
@@ -198,13 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "arch": args.arch, "img_size": s, "batch": 1, "runs": args.runs, "warmup": args.warmup,
         "rounds": args.rounds, "threads": args.threads, "calib_images": args.calib, "eval_images": args.eval,
-        "weights": "random, torch.manual_seed(0); inputs N(0,1) from numpy default_rng(0)",
+        "weights": "random, torch.manual_seed(0); inputs image-like (N(0,1) 28x28, bicubic, unit std), seeds 1 / 2",
         "artifacts": artifacts, "latency": latency,
         "environment": {
             "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "ai-edge-litert": _version("ai-edge-litert"),
             "litert-torch": _version("litert-torch"), "ai-edge-quantizer": _version("ai-edge-quantizer"),
+            "litert-quantizer": _version("litert-quantizer"), "isa": _isa(),
         },
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
@@ -216,11 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         f"# LiteRT modes vs ORT FP32: {args.arch} @ {s}\n\n{table}\n\n"
         f"Batch 1, {args.runs} timed runs after {args.warmup} warmup per (variant, threads), in {args.rounds} "
         f"interleaved rounds; × = p50 / LiteRT fp32 p50 at the same thread count (lower is faster). Fidelity: "
-        f"{args.eval} held-out N(0,1) inputs vs the torch float model; int8 modes calibrated on {args.calib} "
-        f"seeded N(0,1) inputs. Random weights.\n\n"
-        f"Host: {env['processor']}, {env['cpu_count']} CPUs (shared), torch {env['torch']}, "
+        f"{args.eval} held-out image-like inputs vs the model's own LiteRT fp32 .tflite; int8 modes calibrated on "
+        f"{args.calib} other image-like inputs. Random weights. Ops on XNNPACK: delegation census "
+        f"(castling_deploy/targets/tflite/census.py).\n\n"
+        f"Host: {env['processor']} ({env['isa']}), {env['cpu_count']} CPUs (shared), torch {env['torch']}, "
         f"ai-edge-litert {env['ai-edge-litert']}, litert-torch {env['litert-torch']}, "
-        f"ai-edge-quantizer {env['ai-edge-quantizer']}, onnxruntime {env['onnxruntime']}. "
+        f"litert-quantizer {env['litert-quantizer']}, onnxruntime {env['onnxruntime']}. "
         f"Wall time {result['wall_s']} s.\n",
     )
     print(table)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import copy
-import os
+import importlib
 import time
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -59,7 +59,13 @@ def _import_litert_torch() -> Any:
 
 
 def _import_quantizer() -> Any:
-    return import_optional("ai_edge_quantizer", "ai-edge-quantizer", "tflite", "TFLite fp16/full-integer quantization")
+    """litert-quantizer (the maintained successor, same API), else ai-edge-quantizer."""
+    try:
+        import litert_quantizer
+
+        return litert_quantizer
+    except ImportError:
+        return import_optional("ai_edge_quantizer", "litert-quantizer", "tflite", "TFLite fp16/full-integer quantization")
 
 
 def _import_flatbuffer_utils() -> Any:
@@ -95,8 +101,11 @@ def _convert_float(model: nn.Module, img_size: int) -> bytes:
 
 def _fp16_weights(fp32_tflite: bytes) -> bytes:
     """Cast FC/conv weights to float16 (compute stays float32: the runtime dequantizes once at load)."""
-    _import_quantizer()
-    from ai_edge_quantizer import algorithm_manager, qtyping, quantizer
+    pkg = _import_quantizer().__name__
+    algorithm_manager = importlib.import_module(f"{pkg}.algorithm_manager")
+    qtyping = importlib.import_module(f"{pkg}.qtyping")
+    quantizer = importlib.import_module(f"{pkg}.quantizer")
+    from .full_integer import _quiet_kwargs
 
     qt = quantizer.Quantizer(bytearray(fp32_tflite))
     fp16 = qtyping.TensorQuantizationConfig(num_bits=16, dtype=qtyping.TensorDataType.FLOAT)
@@ -110,7 +119,7 @@ def _fp16_weights(fp32_tflite: bytes) -> bytes:
             op_config=config,
             algorithm_key=algorithm_manager.AlgorithmName.FLOAT_CASTING,
         )
-    return bytes(qt.quantize(enable_progress_report=False).quantized_model)
+    return bytes(qt.quantize(**_quiet_kwargs(qt.quantize)).quantized_model)
 
 
 def _pt2e_quantizer() -> Any:
@@ -158,30 +167,19 @@ def rsqrt_norm_copy(model: nn.Module) -> nn.Module:
     return rewritten
 
 
-def _max_abs_logit_diff(a: nn.Module, b: nn.Module, images: np.ndarray, batch: int = 16) -> float:
-    worst = 0.0
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
-            x = torch.from_numpy(images[i : i + batch])
-            worst = max(worst, float((a(x) - b(x)).abs().max()))
-    return worst
+def _convert_full_integer(model: nn.Module, calib: np.ndarray, img_size: int, io_dtype: str,
+                          info: dict[str, Any]) -> tuple[bytes, float]:
+    from . import full_integer as fi
 
-
-def _convert_full_integer(model: nn.Module, calib: np.ndarray, img_size: int, io_dtype: str) -> tuple[bytes, float]:
-    _import_quantizer()
-    from ai_edge_quantizer import calibrator, quantizer, recipe
-    from ai_edge_quantizer.utils import qsv_utils
-
-    rewritten = rsqrt_norm_copy(model)
-    diff = _max_abs_logit_diff(model, rewritten, calib)
+    rewritten, notes = fi.quantizable_copy(model)
+    diff = fi.max_abs_logit_diff(model, rewritten, calib)
     if diff > NORM_REWRITE_ATOL:
-        raise RuntimeError(f"rsqrt norm rewrite changed logits by {diff:.3g} (> {NORM_REWRITE_ATOL}); not exporting")
+        raise RuntimeError(f"full-integer graph rewrite changed logits by {diff:.3g} (> {NORM_REWRITE_ATOL}); not exporting")
     fp32 = _convert_float(rewritten, img_size)
-    qt = quantizer.Quantizer(bytearray(fp32), recipe.static_wi8_ai8())
-    # Global min/max over the whole set; the default per-sample moving average clips outliers (cosine 0.92).
-    cal = calibrator.Calibrator(fp32, num_threads=max(1, os.cpu_count() or 1), qsv_update_func=qsv_utils.min_max_update)
-    cal.calibrate({SIGNATURE: [{INPUT_NAME: img[None]} for img in calib]}, qt._recipe_manager)
-    quantized = bytes(qt.quantize(cal.get_model_qsvs(), enable_progress_report=False).quantized_model)
+    quantized, tool = fi.quantize_static_int8(fp32, calib)
+    info["float_twin"] = fp32  # bytes, for the per-tensor error trace; callers pop it before writing JSON
+    info["quantizer"] = f"{tool} {_version(tool)}"
+    info["notes"].append(f"{tool} static_wi8_ai8, global min/max calibration; " + "; ".join(notes))
     if io_dtype == "float32":
         quantized = _float_io(quantized)
     return quantized, diff
@@ -378,6 +376,7 @@ def convert_tflite(
         versions={
             "litert-torch": _version("litert-torch"),
             "ai-edge-quantizer": _version("ai-edge-quantizer"),
+            "litert-quantizer": _version("litert-quantizer"),
             "ai-edge-litert": _version("ai-edge-litert"),
             "torch": torch.__version__,
         },
@@ -417,8 +416,7 @@ def _convert(model: nn.Module, mode: str, calib_images: np.ndarray | None, img_s
         )
     else:
         calib = _check_calib(calib_images, img_size, mode)
-        data, diff = _convert_full_integer(model, calib, img_size, io_dtype)
+        data, diff = _convert_full_integer(model, calib, img_size, io_dtype, info)
         info["calib_images"] = len(calib)
         info["norm_rewrite_max_abs_diff"] = diff
-        info["notes"].append("ai-edge-quantizer static_wi8_ai8, global min/max calibration, rsqrt norm form")
     return data

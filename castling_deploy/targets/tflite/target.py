@@ -9,6 +9,18 @@ from pathlib import Path
 from ..base import ExportSession, TargetOutcome
 
 log = logging.getLogger(__name__)
+DELEGATION_RUNS = 5  # timed invokes per kernel set for the delegation census
+TRACE_IMAGES = 4  # calibration images the per-tensor error trace runs on
+
+
+def _error_trace(fp32: bytes, quantized: Path, images) -> dict:
+    """Per-tensor SQNR of the full-integer model against its fp32 twin: where the signal is first lost."""
+    from .trace import first_loss, trace_tensors, worst_drops
+
+    rows = trace_tensors(fp32, quantized, images[:TRACE_IMAGES])
+    return {"images": min(TRACE_IMAGES, len(images)), "first_below_20db": first_loss(rows, 20.0),
+            "worst_drops": worst_drops(rows, 10), "output_sqnr_db": rows[-1]["sqnr_db"] if rows else None,
+            "tensors": [{k: r[k] for k in ("position", "op", "dtype", "sqnr_db")} for r in rows]}
 
 
 def census_summary(c: dict) -> str:
@@ -19,6 +31,7 @@ def census_summary(c: dict) -> str:
 
 def build(sess: ExportSession, work: Path) -> TargetOutcome:
     from ...runtime.litert import LiteRTRunner
+    from .census import delegation_census
     from .convert import convert_tflite, tflite_census
 
     opts = sess.opts
@@ -30,6 +43,7 @@ def build(sess: ExportSession, work: Path) -> TargetOutcome:
         path = work / name
         outcome.info[mode] = convert_tflite(sess.folded, path, mode=mode, calib_images=calib, img_size=sess.img_size,
                                             io_dtype=io_dtype, metadata=metadata or sess.metadata)
+        outcome.info.setdefault("delegation", {})[name] = delegation_census(path, runs=DELEGATION_RUNS)
         return path
 
     fp32 = convert("fp32", "model.tflite")
@@ -60,8 +74,12 @@ def build(sess: ExportSession, work: Path) -> TargetOutcome:
                        else "litert-torch PT2EQuantizer (per-channel weights, static activations)",
                        "notes": outcome.info[mode].get("notes")},
             "census": census,
+            "delegation": outcome.info["delegation"][name],
             "calibration": calib.describe() | {"used": len(calib)},
         }
+        twin = outcome.info[mode].pop("float_twin", None)
+        if full_integer and twin is not None:
+            outcome.quantization["error_trace"] = _error_trace(twin, p, calib.images)
         stage = sess.verify("int8", f"LiteRT {mode} ({name})", LiteRTRunner(p), precision="int8")
         outcome.stages.append(stage)
         outcome.add(name, mode, "LiteRT / TFLite (XNNPACK, NPU)", stage)
