@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .data import ImageSet, load_image_set, random_inputs
+from .data import ImageSet, check_overlap, load_image_set, random_inputs
 from .errors import ToleranceError, UsageError
-from .fold import FoldRefused, FoldReport, fold_model, format_fold_report, predict
+from .fold import FoldRefused, FoldReport, accuracy_kept, fold_model, format_fold_report, predict
 from .models.checkpoint import Checkpoint, load_checkpoint
 from .output import ensure_writable_dir, interrupts_clean_up, staged_dir, unregister_cleanup
 from .quiet import quiet_native_output
 from .report import Report
 from .targets.base import ExportOptions, ExportSession, TargetOutcome
 from .targets.registry import BASE_PACKAGES, TARGETS, get_target
-from .budget import FLOAT_ATOL, StageResult, format_budget
+from .budget import FLOAT_ATOL, StageResult, check_stage, format_budget
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ def _load_sets(ckpt: Checkpoint, opts: ExportOptions) -> tuple[ImageSet, ImageSe
         if val is not None and calib.digest == val.digest:
             raise UsageError(f"--calib {calib_path} holds exactly the images of --val {val_path}; "
                              "calibrate on a different set")
+        if val is not None:
+            check_overlap(calib, val)  # warns above 10% shared images, DataError (exit 2) above 50%
     if val is None and calib is not None and len(calib) >= 2 * HOLDOUT_MIN:
         # Never verify on the images that calibrated: hold a seeded part of --calib out of calibration.
         calib, val = calib.split(min(len(calib) // 5, HOLDOUT_MAX), seed=opts.seed)
@@ -109,18 +111,59 @@ def prepare_session(ckpt_path: Path, opts: ExportOptions) -> ExportSession:
     log.info("folding %s (%s) on %d images of %s", ckpt.arch, ckpt.config.form, len(val), val.source)
     model = ckpt.build_model()
     try:
-        folded, fold_report = fold_model(model, val, tolerance_points=opts.tolerance, force=opts.force)
+        folded, fold_report = fold_model(model, val, tolerance_points=opts.tolerance, force=opts.force,
+                                         accept_accuracy_only=opts.accept_accuracy_only)
     except FoldRefused as exc:
         exc.context = (ckpt, val, calib)
         raise
-    fold_report.earlier = ckpt.extra.get("fold")
-    if fold_report.earlier and fold_report.earlier.get("forced"):
+    _note_earlier_fold(fold_report, ckpt.extra.get("fold"))
+    ref = predict(folded, val.images)
+    folded = _migrate(folded, fold_report, opts, val, calib, ref)
+    meta = artifact_metadata(ckpt, folded.cfg.to_dict())
+    return ExportSession(ckpt, opts, folded, fold_report, val, ref, calib, meta)
+
+
+def _note_earlier_fold(fold_report: FoldReport, earlier: dict[str, Any] | None) -> None:
+    fold_report.earlier = earlier
+    if earlier and earlier.get("forced"):
         fold_report.forced = True
         fold_report.notes.append("this checkpoint was folded earlier with --force; that fold's measured effect is "
                                  "the first row of the error budget")
-    ref = predict(folded, val.images)
-    meta = artifact_metadata(ckpt, folded.cfg.to_dict())
-    return ExportSession(ckpt, opts, folded, fold_report, val, ref, calib, meta)
+    if earlier and earlier.get("accepted_on") == "accuracy only":
+        fold_report.accepted_on = "accuracy only (earlier `fold`)"
+        fold_report.notes.append("this checkpoint was folded earlier with --accept-accuracy-only: its logits differ "
+                                 "from the trained model's (first row of the error budget)")
+
+
+def _migrate(folded: Any, fold_report: FoldReport, opts: ExportOptions, val: ImageSet, calib: ImageSet | None,
+             ref: Any) -> Any:
+    """With --int8: measure the per-channel range spread of every int8 input on the calibration set and fold the
+    channel-scale migration (quantize/migrate.py) into the float model; its exactness is its own budget stage.
+    Every target then exports the migrated model; the reference logits stay those of the folded model."""
+    if not opts.int8 or calib is None:
+        return folded
+    import torch
+
+    from .quantize.migrate import EXACT_ATOL, migrate_model
+    from .quantize.outliers import format_spread_table
+
+    # Core ML W8 (--weights-only) keeps activations float: nothing to gain from flattening them.
+    weights_only = opts.targets == ["coreml"] and bool(opts.target_options.get("weights_only"))
+    mode = "auto" if opts.migrate and not weights_only else "off"
+    migrated, mig = migrate_model(folded, calib.images, mode=mode, seed=opts.seed,
+                                  why_off="not used: int8 weights only (--weights-only), activations stay float"
+                                  if weights_only else None)
+    fold_report.migration = mig
+    log.info("channel-scale migration: %s", mig.reason)
+    if opts.sensitivity:
+        log.info("%s", format_spread_table(mig.channel_spread))
+    for line in [] if weights_only else mig.warnings():
+        log.warning("%s", line)
+    if mig.applied:
+        fold_report.migration_stage = check_stage(
+            "migrate", "folded torch fp32", "channel-scale migrated torch fp32", f"torch {torch.__version__} CPU",
+            ref, predict(migrated, val.images), val.labels, tolerance_points=opts.tolerance, atol=EXACT_ATOL)
+    return migrated
 
 
 def new_report(ckpt: Checkpoint, opts: ExportOptions, target: str, fold: FoldReport, val: ImageSet,
@@ -151,6 +194,8 @@ def _add_fold_stages(report: Report, fold: FoldReport) -> None:
                          counts=not fold.forced)
     if fold.stage is not None:
         report.add_stage(fold.stage, counts=not fold.forced)  # a forced fold is recorded, not failed
+    if fold.migration_stage is not None:
+        report.add_stage(fold.migration_stage)
 
 
 def _add_outcome(report: Report, work: Path, outcome: TargetOutcome) -> None:
@@ -181,6 +226,8 @@ def build_target(sess: ExportSession, target: str) -> tuple[Path, Report]:
         report = new_report(sess.ckpt, sess.opts, target, sess.fold_report, sess.val, sess.calib)
         _add_fold_stages(report, sess.fold_report)
         _add_outcome(report, work, outcome)
+        if report.quantization is not None and sess.fold_report.migration is not None:
+            report.quantization["channel_spread"] = sess.fold_report.migration.channel_spread
         report.seconds = round(time.perf_counter() - t0, 2)
         report.save(work / "report.json")
     return final, report
@@ -196,7 +243,8 @@ def _refused_reports(exc: FoldRefused, opts: ExportOptions) -> list[tuple[Path, 
         report = new_report(ckpt, opts, target, exc.report, val, calib)
         report.add_stage(exc.report.stage)
         report.failures.append("nothing was exported: the softmax branch still matters (see fold); --force exports "
-                               "anyway")
+                               "anyway" + (", --accept-accuracy-only accepts a fold that keeps accuracy"
+                                           if accuracy_kept(exc.report) else ""))
         with staged_dir(final) as work:
             report.save(work / "report.json")
         out.append((final, report))

@@ -99,7 +99,7 @@ def test_target_options_are_checked_generically() -> None:
     with pytest.raises(UsageError, match="--io-dtype applies only with --full-integer"):
         check_target_options(["tflite"], {"io_dtype": "int8"}, int8=True)
     every = {o.name for s in TARGETS.values() for o in s.options}
-    assert every == {"full_integer", "io_dtype", "weights_only"}
+    assert every == {"full_integer", "io_dtype", "weights_only", "quantizer"}
 
 
 def test_api_rejects_unknown_options_and_targets() -> None:

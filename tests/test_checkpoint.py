@@ -56,15 +56,45 @@ def test_foreign_timm_style_files_load(tmp_path: Path, wrap: str) -> None:
         assert (ck.build_model(form="deploy")(x) - m.eval()(x)).abs().max() == 0
 
 
+def _pil_bicubic(grid: torch.Tensor, size: int) -> torch.Tensor:
+    """Reference resampling: PIL's bicubic resize of each channel as a float image. timm's recipe (torch bicubic,
+    align_corners=False, antialias=True) is the same filter as PIL's, computed by another library."""
+    import numpy as np
+    from PIL import Image
+
+    g = grid.detach().numpy().astype(np.float32)  # (h, w, dim)
+    chans = [np.asarray(Image.fromarray(g[:, :, c], mode="F").resize((size, size), Image.BICUBIC))
+             for c in range(g.shape[-1])]
+    return torch.from_numpy(np.stack(chans, -1))
+
+
 def test_pos_embed_resampled_for_new_resolution(dead_branch_ckpt: Path) -> None:
-    ck = load_checkpoint(dead_branch_ckpt, img_size=48)
-    model = ck.build_model()
-    assert model.pos_embed.shape == (1, 37, 64)  # (48/8)^2 + 1
-    assert ck.preprocess["crop"] == 48
-    with torch.no_grad():
-        assert torch.isfinite(model(torch.randn(1, 3, 48, 48))).all()
+    stored = torch.load(dead_branch_ckpt, weights_only=True)["state_dict"]["pos_embed"]  # read from the file itself
+    same = load_checkpoint(dead_branch_ckpt).build_model()
+    assert torch.equal(same.pos_embed.detach(), stored)  # same size: the stored embedding, untouched
+    for size, grid in ((48, 6), (16, 2)):  # up- and down-sampling from the stored 4x4 grid (32 px / patch 8)
+        ck = load_checkpoint(dead_branch_ckpt, img_size=size)
+        model = ck.build_model()
+        pe = model.pos_embed.detach()
+        assert pe.shape == (1, grid * grid + 1, 64) and ck.preprocess["crop"] == size
+        assert torch.equal(pe[:, :1], stored[:, :1])  # the class token's embedding is not resampled
+        ref = _pil_bicubic(stored[0, 1:].reshape(4, 4, 64), grid).reshape(grid * grid, 64)
+        assert (pe[0, 1:] - ref).abs().max() < 1e-5, (pe[0, 1:] - ref).abs().max()
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.randn(1, 3, size, size))).all()
     with pytest.raises(UsageError, match="multiple of the patch size"):
         load_checkpoint(dead_branch_ckpt, img_size=50)
+
+
+def test_resample_pos_embed_identity_and_constant_fields() -> None:
+    from castling_deploy.models.vit import resample_pos_embed
+
+    pe = torch.randn(1, 1 + 16, 8, generator=torch.Generator().manual_seed(0))
+    assert resample_pos_embed(pe, 4) is pe  # same grid: nothing recomputed
+    const = torch.full((1, 1 + 16, 8), 0.25)
+    assert torch.allclose(resample_pos_embed(const, 7), torch.full((1, 50, 8), 0.25), atol=1e-6)  # weights sum to 1
+    with pytest.raises(ValueError, match="square grid"):
+        resample_pos_embed(torch.zeros(1, 1 + 15, 8), 4)
 
 
 def test_missing_unexpected_and_mismatched_keys_are_named(tmp_path: Path) -> None:

@@ -23,12 +23,31 @@ def _strict(text: str):
     return json.loads(text, parse_constant=bad)
 
 
-def test_json_output_is_strict_json(runner, tmp_path: Path) -> None:
-    r = invoke(runner, "export", "--target", "onnx", "-o", tmp_path, "--json")
-    assert r.exit_code == 0, r.stderr
-    doc = _strict(r.stdout)  # the fold stage has max |Δ| 0 -> infinite SQNR, written as null
+def test_json_output_is_strict_json(demo_onnx_trt) -> None:
+    doc = _strict(demo_onnx_trt.stdout)  # the fold stage has max |Δ| 0 -> infinite SQNR, written as null
     assert doc["reports"][0]["error_budget"][0]["metrics"]["sqnr_db"] is None
-    _strict((tmp_path / "castling_nano_digits" / "onnx" / "report.json").read_text())
+    for target in ("onnx", "tensorrt"):
+        _strict((demo_onnx_trt.folder(target) / "report.json").read_text())
+
+
+def test_unexpected_error_is_one_line_and_exit_1(runner, dead_branch_ckpt: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from castling_deploy import pipeline
+
+    def boom(*a, **kw):
+        raise RuntimeError("boom: something nobody foresaw\nsecond line with details")
+
+    monkeypatch.setattr(pipeline, "prepare_session", boom)
+    monkeypatch.delenv("CASTLING_DEBUG", raising=False)
+    r = invoke(runner, "export", dead_branch_ckpt, "-o", tmp_path)
+    assert r.exit_code == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr  # one line: the first line of the message, the type, how to see more
+    assert lines[0].startswith("error: RuntimeError: boom: something nobody foresaw") and "CASTLING_DEBUG=1" in lines[0]
+    assert "second line" not in r.stderr and "Traceback" not in r.output
+    monkeypatch.setenv("CASTLING_DEBUG", "1")  # and the traceback is there when asked for
+    with pytest.raises(RuntimeError, match="boom"):
+        invoke(runner, "export", dead_branch_ckpt, "-o", tmp_path)
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "101"])
@@ -130,3 +149,20 @@ def test_int8_without_calib_fails_before_any_work(runner, dead_branch_ckpt: Path
     r = invoke(runner, "export", dead_branch_ckpt, "--int8", "-o", tmp_path)
     assert r.exit_code == 2 and "--calib" in r.stderr
     assert not (tmp_path / "dead").exists()
+
+
+@pytest.mark.parametrize("name,ok", [("model.onnx", True), ("model.mlpackage", True), ("sub/model.tflite", True),
+                                     ("../model.onnx", False), ("a/../../etc/passwd", False), ("..", False),
+                                     ("/etc/passwd", False), ("..\\model.onnx", False), ("", False)])
+def test_report_artifact_paths_stay_inside_the_folder(name: str, ok: bool) -> None:
+    """A report.json names its artifacts relative to its folder; readers (package, verify, build-engine) open them
+    there, so a name that climbs out ('..', absolute, Windows separators) is refused when the report is read."""
+    from castling_deploy.errors import UsageError
+    from castling_deploy.report import ArtifactRecord
+
+    entry = {"file": name, "precision": "fp32", "runtime": "onnxruntime", "verified_by": "export"}
+    if ok:
+        assert ArtifactRecord.from_dict(entry).file == name
+    else:
+        with pytest.raises(UsageError, match="artifact"):
+            ArtifactRecord.from_dict(entry)

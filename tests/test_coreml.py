@@ -64,6 +64,8 @@ def test_fp16_close_to_torch(setup) -> None:
     _, x, ref, _ = setup
     path, info = _convert(setup, "fp16", "image")
     y = MILInterpreterRunner(path).run(x[:8])
+    # Measured min cosine 0.999997 (56.5 dB). fp16 rounds each op's output to 2^-11 relative; 0.999 (a 27 dB floor,
+    # 1 - cos ~ 1/(2 SNR)) is what int8 reaches here, so this only fails if fp16 were no better than int8.
     assert _cos(y, ref[:8]).min() > 0.999
     assert (y.argmax(1) == ref[:8].argmax(1)).mean() == 1.0
     census = coreml_census(path)
@@ -72,9 +74,14 @@ def test_fp16_close_to_torch(setup) -> None:
     assert report["compute_precision_per_op"]["linear"] == {"float16": 17}
     assert "reduce_l2_norm" in report["likely_ane_fallback"]
     cmp = compare_executors(path, x[:1])
-    assert cmp["compared"] in (True, False)
+    from castling_deploy.runtime.coreml import predict_available
+
+    assert cmp["compared"] is predict_available()  # both executors ran exactly where Core ML predict exists
     if sys.platform != "darwin":
-        assert cmp["compared"] is False
+        assert cmp == {"compared": False, "reason": "Core ML predict is macOS-only",
+                       "interpreter": "mil-reference-interpreter"}
+    else:  # macOS: Core ML's own fp16 execution vs the interpreter's per-op fp16 rounding
+        assert cmp["top1_agreement"] == 1.0 and cmp["min_cosine"] > 0.999, cmp
 
 
 @pytest.mark.slow
@@ -82,7 +89,7 @@ def test_w8_cosine_and_int8_weights(setup) -> None:
     _, x, ref, _ = setup
     path, info = _convert(setup, "w8", "tensor")
     y = MILInterpreterRunner(path).run(x)
-    assert _cos(y, ref).min() >= 0.99
+    assert _cos(y, ref).min() >= 0.99  # measured 0.99958 (36.1 dB): int8 weights only; the int8 floor used elsewhere
     census = coreml_census(path)
     assert census["constants_by_dtype"].get("int8", 0) >= 17 and census["weight_dequantize_ops"] >= 17
     assert census["quantize_ops"] == 0
@@ -94,8 +101,10 @@ def test_w8a8_cosine_and_census(setup) -> None:
     path, info = _convert(setup, "w8a8", "image")
     assert "all 16 calib images" in info["quantization"]
     y = MILInterpreterRunner(path).run(x)
+    # Measured min cosine 0.99798 (32.0 dB), 15/16 top-1 agreement on random weights (near-tied logits): the same
+    # 0.99 floor as the other int8 checks and at most 1 flip in 16 (untrained logits sit close together).
     assert _cos(y, ref).min() >= 0.99
-    assert (y.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    assert (y.argmax(1) == ref.argmax(1)).mean() >= 15 / 16
     census = coreml_census(path)
     assert census["activation_quantized"] and census["quantize_ops"] >= 22 and census["dequantize_ops"] >= 22
     assert census["constants_by_dtype"].get("int8", 0) >= 17

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from castling_deploy.data import load_image_set, random_inputs
@@ -75,3 +76,33 @@ def test_demo_checkpoint_reaches_95_percent_in_both_forms() -> None:
         assert acc >= 95.0, acc
     torch.testing.assert_close(torch.from_numpy(predict(model, val.images)),
                                torch.from_numpy(predict(folded, val.images)), atol=1e-5, rtol=0)
+
+
+def test_labelled_refusal_on_accuracy_while_agreement_holds(runner, alive_branch_ckpt: Path, tmp_path: Path) -> None:
+    """With labels the fold must also keep top-1 accuracy within --tolerance: 99 of 100 predictions agree (the
+    0.99 agreement goal holds), but the one that changes was right, a 1-point drop > 0.5 -> refused, exit 3."""
+    ck = load_checkpoint(alive_branch_ckpt)
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (600, 32, 32, 3), dtype=np.uint8)
+    pool = tmp_path / "pool.npz"
+    np.savez(pool, images=raw)
+    x = load_image_set(pool, ck.preprocess, ck.labels).images  # the pixels exactly as `fold --calib` will see them
+    model = ck.build_model()
+    train, deploy = predict(model, x).argmax(1), predict(fold_softmax_branch(model), x).argmax(1)
+    same, changed = np.flatnonzero(train == deploy), np.flatnonzero(train != deploy)
+    assert len(same) >= 99 and len(changed) >= 1, (len(same), len(changed))
+    pick = np.concatenate([changed[:1], same[:99]])
+    chosen = tmp_path / "labelled.npz"
+    np.savez(chosen, images=raw[pick], labels=train[pick])  # labels = the training form's predictions: 100% top-1
+    out = tmp_path / "folded.pt"
+    r = invoke(runner, "fold", alive_branch_ckpt, "-o", out, "--calib", chosen, "--json")
+    assert r.exit_code == 3, r.stderr
+    stage = json.loads(r.stdout)["fold"]["stage"]
+    m = stage["metrics"]
+    assert m["n"] == 100 and m["top1_agreement"] == 0.99 and m["top1_drop_points"] == pytest.approx(1.0)
+    assert "top-1 drop 1.00 points > tolerance 0.5 points" in stage["failures"]
+    assert not any("agreement" in f for f in stage["failures"])  # the agreement goal held: accuracy refused it
+    assert not out.exists()
+    r = invoke(runner, "fold", alive_branch_ckpt, "-o", out, "--calib", chosen, "--tolerance", "1.0", "--json")
+    stage = json.loads(r.stdout)["fold"]["stage"]
+    assert not any(f.startswith("top-1") for f in stage["failures"])  # within a 1-point tolerance the drop is fine

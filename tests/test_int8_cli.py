@@ -14,34 +14,43 @@ from castling_deploy.models.checkpoint import load_checkpoint, save_checkpoint
 from .conftest import DEMO_CKPT, DIGITS_TRAIN, DIGITS_VAL, invoke
 
 
-def test_demo_int8_onnx_within_tolerance_with_census(runner, tmp_path: Path) -> None:
-    r = invoke(runner, "export", "--target", "onnx", "--int8", "-o", tmp_path, "--json")
-    assert r.exit_code == 0, r.stderr
-    report = json.loads(r.stdout)["reports"][0]
+def test_demo_int8_onnx_within_tolerance_with_census(demo_onnx_trt) -> None:
+    report = demo_onnx_trt.report("onnx")
     assert [s["stage"] for s in report["error_budget"]] == ["fold", "export", "int8"]
-    int8 = report["error_budget"][-1]["metrics"]
-    assert int8["top1_drop_points"] <= 0.5 and int8["cosine"] > 0.999
+    int8 = report["error_budget"][-1]
+    # The goal (README): top-1 drop <= 0.5 points; the numbers themselves are re-measured in test_targets_cli.py.
+    assert int8["passed"] and int8["metrics"]["top1_drop_points"] <= 0.5
     census = report["quantization"]["census"]
     kinds = census["by_kind"]
     for kind in ("patch_embed", "qkv", "proj", "fc1", "fc2", "head"):
         assert kinds[kind]["float"] == 0 and kinds[kind]["int8"] >= 1, kind
-    assert census["zero_points_all_zero"] and census["int8_mac_fraction"] > 0.9
+    assert kinds["dwconv"] == {"int8": 0, "float": 4}  # float by recipe
+    assert census["zero_points_all_zero"]
     assert report["data"]["calib"]["digest"] != report["data"]["val"]["digest"]
     assert report["quantization"]["calibration"]["images"] == 512
 
 
-def test_tensorrt_target_without_tensorrt_writes_ready_qdq_and_commands(runner, tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime")
-    r = invoke(runner, "export", "--target", "tensorrt", "--int8", "-o", tmp_path, "--json")
-    assert r.exit_code == 0, r.stderr
-    report = json.loads(r.stdout)["reports"][0]
-    folder = tmp_path / "castling_nano_digits" / "tensorrt"
+@pytest.mark.xfail(strict=True, reason="product: quantize/census.py takes a symbolic dim as 1, and the exported demo "
+                   "graph flattens (batch x tokens) into one symbolic dim before each Gemm, so Gemm MACs are 17x low "
+                   "(census 506,752 vs 2,603,904 MACs) and int8_mac_fraction reads 92.3% instead of 98.5%")
+def test_demo_census_macs_match_an_independent_count(demo_onnx_trt) -> None:
+    from castling_deploy.models.checkpoint import load_checkpoint
+    from castling_deploy.models.macs import count_macs
+
+    census = demo_onnx_trt.report("onnx")["quantization"]["census"]
+    torch_macs = count_macs(load_checkpoint(DEMO_CKPT).build_model(form="deploy"), 32)  # torch's flop counter
+    assert census["macs_total"] == pytest.approx(torch_macs, rel=0.01), (census["macs_total"], torch_macs)
+
+
+def test_tensorrt_target_without_tensorrt_writes_ready_qdq_and_commands(demo_onnx_trt) -> None:
+    report = demo_onnx_trt.report("tensorrt")
+    folder = demo_onnx_trt.folder("tensorrt")
     script = (folder / "build_engine.sh").read_text()
     assert "trtexec --onnx=model.int8.onnx" in script and "--int8" in script and "--minShapes=images:1x3x32x32" in script
     assert "castling-deploy build-engine" in script
     assert report["target_info"]["tensorrt_compatibility_problems"] == []
     assert report["quantization"]["census"]["zero_point_dtypes"] == {"INT8": report["quantization"]["census"]["zero_points"]}
-    assert report["error_budget"][-1]["metrics"]["top1_drop_points"] <= 0.5
+    assert report["error_budget"][-1]["passed"]
     try:
         import tensorrt  # noqa: F401
     except ImportError:

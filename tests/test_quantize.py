@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from castling_deploy.errors import DataError, UsageError
-from castling_deploy.quantize import CalibrationSet, QuantRecipe, classify_nodes, onnx_census, quantize_onnx
+from castling_deploy.quantize import CalibrationSet, QuantRecipe, classify_nodes, quantize_onnx
 from castling_deploy.quantize.calibration import CalibrationReader, calibration_cache_key
 from castling_deploy.quantize.graph import depth_of, roles_from_metadata
 from castling_deploy.quantize.sensitivity import auto_fallback, format_sensitivity_table, sensitivity_sweep
@@ -61,22 +62,49 @@ def test_int8_qdq_close_to_float_and_census_is_int8(nano: dict) -> None:
     rep = quantize_onnx(nano["onnx"], out, nano["calib"], QuantRecipe(), cache_dir=nano["dir"] / "cache")
     q = OrtRunner(out).run(nano["images"])
     cos = _cos_min(nano["ref"], q)
+    # Measured 0.9944 on the worst of the 32 inputs (logit SQNR 25.9 dB; minmax and mse ranges give 0.9950/0.9951).
+    # Per input 1 - cos ~ 1/(2 SNR): 0.99 allows that input ~2.5 dB more int8 noise, not a broken recipe (< 0.9).
     assert cos >= 0.99, cos
-    c = onnx_census(out)
-    assert c == {**rep["census"]}
+    c = rep["census"]
+    # Re-derived from the file here, without the census code: a Conv/MatMul/Gemm runs in int8 when both data inputs
+    # are DequantizeLinear outputs of 8-bit tensors (ORT and TensorRT fuse that pattern into integer kernels).
+    assert c["int8_compute_nodes"] == len(_int8_compute_nodes(out)) == 26  # 30 compute nodes - 4 float dwconv
     # Every weight-bearing Conv/MatMul/Gemm runs in int8 except the depth-wise token Conv (float by recipe).
     weight = [n for n in c["nodes"] if n["weight"]]
     assert {n["kind"] for n in weight if n["precision"] != "int8"} == {"dwconv"}
     assert c["by_kind"]["qkv"] == {"int8": 4, "float": 0} and c["by_kind"]["head"] == {"int8": 1, "float": 0}
     assert c["by_kind"]["attn_kv"]["int8"] == 4 and c["by_kind"]["attn_q"]["int8"] == 4
     assert c["zero_points_all_zero"] and c["zero_points"] > 0
-    assert c["int8_mac_fraction"] > 0.95
+    # By hand: the only float compute is the 4 depth-wise token Convs, each 4 heads x 17 tokens x 16 x 9 taps =
+    # 9,792 MACs, of castling_nano's 2,603,904 (torch.utils.flop_counter at 32 px).
+    assert c["int8_mac_fraction"] == pytest.approx(1 - 4 * 9_792 / 2_603_904, abs=1e-4)
     assert c["initializer_dtypes"]["INT8"] >= 4 * 4 + 2
     assert c["domains"] == ["ai.onnx"] and c["opset"] >= 13
     # Never in int8: norms, LayerNorm, GELU, residual adds (only Conv/MatMul/Gemm are quantized).
     assert not any(n["precision"] == "int8" and n["op_type"] not in ("Conv", "MatMul", "Gemm") for n in c["nodes"])
     meta = {p.key: p.value for p in __import__("onnx").load(str(out)).metadata_props}
     assert json.loads(meta["castling_deploy.quant_recipe"])["activation_symmetric"] is True
+
+
+def _int8_compute_nodes(path: Path) -> list[str]:
+    import onnx
+
+    g = onnx.load(str(path)).graph
+    inits = {i.name: i.data_type for i in g.initializer}
+    made_by = {o: n for n in g.node for o in n.output}
+    int8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+
+    def eight_bit(tensor: str) -> bool:
+        dq = made_by.get(tensor)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return False
+        src = dq.input[0]
+        if src in inits:  # an int8 weight initializer
+            return inits[src] in int8
+        q = made_by.get(src)  # an activation (or a weight as a Q->DQ pair): Q's zero point gives the type
+        return q is not None and q.op_type == "QuantizeLinear" and inits.get(q.input[2]) in int8
+
+    return [n.name for n in g.node if n.op_type in ("Conv", "MatMul", "Gemm") and all(map(eight_bit, n.input[:2]))]
 
 
 def test_classify_nodes_matches_exporter_metadata(nano: dict) -> None:
@@ -137,30 +165,65 @@ def test_calibration_set_guards(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_calibration_cache_is_keyed_and_never_crosses_keys(nano: dict, tmp_path: Path) -> None:
+    """Every input of the ranges is in the key: change any one of them end to end and the cache must miss (and
+    calibrate again); change only what is decided after calibration (excluded blocks) and it must hit."""
     cache = tmp_path / "cache"
     out = tmp_path / "q.onnx"
-    calib_a = nano["calib"]
+    calib_a = nano["calib"]  # 48 images
+
+    def run(recipe: QuantRecipe, calib: CalibrationSet = calib_a, model: Path = nano["onnx"], **kw) -> dict:
+        return quantize_onnx(model, out, calib, recipe, cache_dir=cache, **kw)["calibration"]
+
+    def assert_miss(rep: dict, seen: set[str]) -> None:
+        assert not rep["cache_hit"] and rep["batches_run"] > 0, rep
+        assert rep["cache_file"] not in seen, rep  # a new entry, not an overwrite of an earlier one
+        seen.add(rep["cache_file"])
+
+    first = run(QuantRecipe())
+    assert not first["cache_hit"] and first["batches_run"] == 6  # 48 images in batches of 8
+    again = run(QuantRecipe(excluded_blocks=(1,)))
+    assert again["cache_hit"] and again["batches_run"] == 0 and again["cache_file"] == first["cache_file"]
+    seen = {first["cache_file"]}
     calib_b = CalibrationSet(calib_a.images * 3.0, "nano-b", "random-b")
-    first = quantize_onnx(nano["onnx"], out, calib_a, QuantRecipe(), cache_dir=cache)["calibration"]
-    again = quantize_onnx(nano["onnx"], out, calib_a, QuantRecipe(excluded_blocks=(1,)), cache_dir=cache)
-    assert not first["cache_hit"] and first["batches_run"] == 6
-    assert again["calibration"]["cache_hit"] and again["calibration"]["batches_run"] == 0
-    assert again["calibration"]["cache_file"] == first["cache_file"]
-    other_data = quantize_onnx(nano["onnx"], out, calib_b, QuantRecipe(), cache_dir=cache)["calibration"]
-    other_method = quantize_onnx(nano["onnx"], out, calib_a, QuantRecipe(calibration="entropy"), cache_dir=cache)
-    for rep in (other_data, other_method["calibration"]):
-        assert not rep["cache_hit"] and rep["batches_run"] > 0 and rep["cache_file"] != first["cache_file"]
-    # Different data gives different ranges (3x images -> larger patch-embed input range).
+    other_onnx = _export(nano["model"], tmp_path / "raw.onnx", 32, simplify=False)  # same function, other file
+    variants = {
+        "method": lambda: run(QuantRecipe(calibration="minmax")),
+        "percentile": lambda: run(QuantRecipe(percentile=99.9)),
+        "calib_size": lambda: run(QuantRecipe(calib_size=40)),
+        "seed": lambda: run(QuantRecipe(calib_size=40, seed=1)),
+        "pre/raw": lambda: run(QuantRecipe(), preprocess=False),
+        "data": lambda: run(QuantRecipe(), calib=calib_b),
+        "model": lambda: run(QuantRecipe(), model=other_onnx),
+    }
+    reps = {}
+    for name, go in variants.items():
+        reps[name] = go()
+        assert_miss(reps[name], seen)
+    # ... and each entry is then found again under its own key.
+    assert run(QuantRecipe(percentile=99.9))["cache_file"] == reps["percentile"]["cache_file"]
+    assert run(QuantRecipe(percentile=99.9))["cache_hit"]
+    # Different data gives different ranges (3x images -> 3x the patch-embed input range).
     ra = _highest(json.loads(Path(first["cache_file"]).read_text())["data"]["images"])
-    rb = _highest(json.loads(Path(other_data["cache_file"]).read_text())["data"]["images"])
+    rb = _highest(json.loads(Path(reps["data"]["cache_file"]).read_text())["data"]["images"])
     assert rb == pytest.approx(3 * ra, rel=1e-4)
     # A meta file that does not match its key is a miss, not a reuse.
     meta = Path(first["cache_file"].replace(".json", ".meta.json"))
     meta.write_text(json.dumps({"model": "other", "data": "nano-a", "method": "minmax", "recipe": "x"}))
-    rep = quantize_onnx(nano["onnx"], out, calib_a, QuantRecipe(), cache_dir=cache)["calibration"]
+    rep = run(QuantRecipe())
     assert not rep["cache_hit"] and rep["batches_run"] == 6
     assert len({calibration_cache_key("m", "d", "minmax", "r"), calibration_cache_key("m", "d", "entropy", "r"),
-                calibration_cache_key("m2", "d", "minmax", "r"), calibration_cache_key("m", "d2", "minmax", "r")}) == 4
+                calibration_cache_key("m2", "d", "minmax", "r"), calibration_cache_key("m", "d2", "minmax", "r"),
+                calibration_cache_key("m", "d", "minmax", "r2")}) == 5
+
+
+def test_the_session_never_touches_the_users_cache(_private_cache: Path) -> None:
+    from castling_deploy.quantize.calibration import CalibrationCache, default_cache_dir
+
+    home = Path(os.path.expanduser("~/.cache/castling-deploy")).resolve()
+    for d in (default_cache_dir(), CalibrationCache().dir):
+        assert not d.resolve().is_relative_to(home), d
+        assert d.resolve().is_relative_to(_private_cache.resolve()), d  # conftest's per-session temp folder
+    assert os.environ["CASTLING_DEPLOY_CACHE"] == str(_private_cache)
 
 
 @pytest.fixture(scope="module")
@@ -234,17 +297,29 @@ def test_deit_tiny_224_int8_cosine(tmp_path: Path) -> None:
     calib = CalibrationSet(rng.standard_normal((64, 3, 224, 224)).astype(np.float32), "deit-a", "random")
     out = tmp_path / "int8.onnx"
     rep = quantize_onnx(fp32, out, calib, QuantRecipe(), cache_dir=tmp_path / "cache")
-    from castling_deploy.quantize.sensitivity import logit_metrics
-    from castling_deploy.runtime.base import run_batched
+    import onnxruntime as ort
 
-    m = logit_metrics(ref, run_batched(OrtRunner(out), images, 16))
-    # Measured (benchmarks/results/int8.md): SQNR 25.3 dB, cosine min 0.9971 / overall 0.9985 with the default
-    # recipe (percentile 99.99, 7-bit weights); minmax gave 23.9 dB / 0.9969. 0.999 is not reached: with random
-    # weights the class token is built only from ~84 int8 paths of equal weight, and even the exact QDQ math with
-    # 8-bit weights tops out at 27.7 dB / min cosine 0.998 (the floor of per-tensor int8 activations, see int8.md).
-    assert m["sqnr_db"] >= 25.0, m
-    assert m["cosine_min"] >= 0.9965, m
-    assert rep["census"]["int8_mac_fraction"] > 0.95 and rep["census"]["zero_points_all_zero"]
+    from castling_deploy.budget import logit_metrics
+
+    def run(exact: bool) -> np.ndarray:
+        so = ort.SessionOptions()
+        if exact:  # every Q/DQ computed as written, in float: the reference semantics of the QDQ model
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+        return np.concatenate([sess.run(None, {"images": images[i : i + 16]})[0] for i in range(0, 64, 16)])
+
+    kernels, exact = logit_metrics(ref, run(False)), logit_metrics(ref, run(True))
+    # Reference computation: ORT's int8 kernels must compute what the QDQ graph says. With 7-bit weights they do
+    # (measured 25.34 vs 25.39 dB, benchmarks/results/int8.md); the failure this guards against, 8-bit weights
+    # saturating u8*s8 pairs on AVX2 without VNNI, lost 2.9 dB (22.72 vs 25.63). 0.5 dB is the issue's bound.
+    assert kernels["sqnr_db"] >= exact["sqnr_db"] - 0.5, (kernels, exact)
+    # The recipe's own quality, with its margin: the default (7-bit, percentile 99.99) measured 25.39 dB exact; the
+    # recipe it replaced (minmax) 23.93 dB. 24.5 dB sits between them, so a silent return to minmax ranges fails.
+    assert exact["sqnr_db"] >= 24.5, exact
+    # Min per-sample cosine: measured 0.9971 (ORT) / 0.9977 (exact); int8.md explains the ~0.997-0.998 floor of
+    # random weights; 0.9965 leaves the same ~0.0006 margin as above.
+    assert kernels["min_sample_cosine"] >= 0.9965, kernels
+    assert rep["census"]["zero_points_all_zero"]
 
 
 def test_mse_threshold_matches_brute_force() -> None:
@@ -274,4 +349,4 @@ def test_mse_calibration_ranges_are_inside_minmax(nano: dict, tmp_path: Path) ->
     assert all(0 < y <= x * (1 + 1e-6) for x, y in hi.values())
     assert sum(y < 0.9 * x for x, y in hi.values()) >= len(hi) // 2  # most tensors are clipped below their max
     q = OrtRunner(out).run(nano["images"])
-    assert _cos_min(nano["ref"], q) >= 0.99
+    assert _cos_min(nano["ref"], q) >= 0.99  # measured 0.9951; the same 0.99 floor and margin as the default recipe

@@ -1,7 +1,7 @@
-"""TensorRT: command lines and QDQ compatibility run everywhere; engine build/run only where tensorrt imports."""
+"""TensorRT: command lines, QDQ compatibility and engine-input choice run everywhere; engine build/run only where
+tensorrt imports (never on this project's CPU-only machines: see test_tensorrt_api.py for the API checks)."""
 from __future__ import annotations
 
-import importlib.util
 import shlex
 from pathlib import Path
 
@@ -10,25 +10,38 @@ import pytest
 import torch
 
 from castling_deploy.errors import MissingDependencyError, UsageError
-from castling_deploy.targets.tensorrt.engine import build_engine, qdq_tensorrt_problems, trtexec_command
+from castling_deploy.targets.tensorrt.engine import (_import_tensorrt, build_engine, qdq_tensorrt_problems,
+                                                     trtexec_command)
+from castling_deploy.targets.tensorrt.versions import TRTEXEC11_REMOVED_FLAGS
 
-HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+def _has_trt() -> bool:
+    """The runtime, not the tensorrt-stubs namespace package (which imports but has nothing in it)."""
+    try:
+        _import_tensorrt()
+    except MissingDependencyError:
+        return False
+    return True
 
 
-def test_trtexec_command_line() -> None:
+HAS_TRT = _has_trt()
+
+
+def test_trtexec_command_line_per_version() -> None:
     cmd = trtexec_command("m/int8.onnx", "m/model.engine", "int8", 1, 8, 32, 224, timing_cache="t.cache")
-    args = shlex.split(cmd)
+    args = shlex.split(cmd)  # default: TensorRT 11, strongly typed only, no precision flag exists
     assert args[0] == "trtexec"
     assert "--onnx=m/int8.onnx" in args and "--saveEngine=m/model.engine" in args
     assert "--minShapes=images:1x3x224x224" in args
     assert "--optShapes=images:8x3x224x224" in args
-    assert "--maxShapes=images:32x3x224x224" in args
-    assert "--int8" in args and "--fp16" in args and "--timingCacheFile=t.cache" in args
-    fp16 = shlex.split(trtexec_command("a.onnx", "a.engine", "fp16", 1, 1, 4, 32))
-    assert "--fp16" in fp16 and "--int8" not in fp16 and "--maxShapes=images:4x3x32x32" in fp16
-    assert "--fp16" not in shlex.split(trtexec_command("a.onnx", "a.engine", "fp32", 1, 1, 1, 32))
+    assert "--maxShapes=images:32x3x224x224" in args and "--timingCacheFile=t.cache" in args
+    assert not [a for a in args if a in TRTEXEC11_REMOVED_FLAGS or a == "--stronglyTyped"]
+    strong = shlex.split(trtexec_command("a.onnx", "a.engine", "fp16", 1, 1, 4, 32, tensorrt="10.13.0"))
+    assert "--stronglyTyped" in strong and "--fp16" not in strong and "--maxShapes=images:4x3x32x32" in strong
+    weak = shlex.split(trtexec_command("a.onnx", "a.engine", "int8", 1, 1, 4, 32, tensorrt="10.3.0.30"))
+    assert "--fp16" in weak and "--int8" in weak and "--stronglyTyped" not in weak
+    assert "--fp16" not in shlex.split(trtexec_command("a.onnx", "a.engine", "fp32", 1, 1, 1, 32, tensorrt="10.3"))
     with pytest.raises(UsageError):
-        trtexec_command("a.onnx", "a.engine", "int4", 1, 1, 1, 32)
+        trtexec_command("a.onnx", "a.engine", "best", 1, 1, 1, 32)  # --best went with TensorRT 11
     with pytest.raises(UsageError):
         trtexec_command("a.onnx", "a.engine", "fp16", 4, 2, 8, 32)
 
@@ -78,17 +91,33 @@ def test_missing_tensorrt_raises_missing_dependency(qdq_models: dict, monkeypatc
     assert not (qdq_models["dir"] / "m.engine").exists()
 
 
+def test_build_engine_for_export_picks_the_typed_onnx_of_each_precision() -> None:
+    from castling_deploy.targets.tensorrt.build_engine import _engine_input
+
+    info = {"precision": "int8", "onnx_for_engine": "model.int8.onnx",
+            "engine_inputs": {"fp32": "model.onnx", "int8": "model.int8.onnx"}}
+    assert _engine_input(info, "int8") == "model.int8.onnx" and _engine_input(info, "fp32") == "model.onnx"
+    with pytest.raises(UsageError, match="re-export with --fp16"):
+        _engine_input(info, "fp16")
+    legacy = {"precision": "fp16", "onnx_for_engine": "model.onnx"}  # a report from before typed exports
+    assert _engine_input(legacy, "fp16") == "model.onnx" and _engine_input(legacy, "fp32") == "model.onnx"
+
+
 @pytest.mark.tensorrt
 @pytest.mark.skipif(not HAS_TRT, reason="tensorrt is not installed (engines are built on the target GPU)")
-def test_build_and_run_int8_engine(qdq_models: dict) -> None:
-    import onnxruntime  # noqa: F401
-
+def test_build_and_run_typed_engines(qdq_models: dict) -> None:
+    """On a machine with TensorRT and a GPU: the typed INT8 QDQ and the typed fp16 ONNX build (strongly typed on
+    10.12+/11.x) and run close to the float model. Never runs on the CPU-only machines of this project."""
+    from castling_deploy.quantize.fp16 import write_fp16_onnx
     from castling_deploy.runtime.ort import OrtRunner
     from castling_deploy.runtime.tensorrt import TensorRTRunner
 
-    engine = qdq_models["dir"] / "int8.engine"
-    meta = build_engine(qdq_models["trt"], engine, precision="int8", batch_range=(1, 4, 8),
-                        timing_cache=qdq_models["dir"] / "timing.cache")
+    d = qdq_models["dir"]
+    typed_int8, fp16 = d / "int8_typed.onnx", d / "fp16.onnx"
+    write_fp16_onnx(qdq_models["trt"], typed_int8)
+    write_fp16_onnx(qdq_models["fp32"], fp16)
+    engine = d / "int8.engine"
+    meta = build_engine(typed_int8, engine, precision="int8", batch_range=(1, 4, 8), timing_cache=d / "timing.cache")
     assert engine.is_file() and Path(str(engine) + ".json").is_file()
     assert meta["tensorrt"] and meta["build_seconds"] > 0 and meta["batch_range"] == [1, 4, 8]
     x = np.random.default_rng(1).standard_normal((10, 3, 32, 32)).astype(np.float32)
@@ -96,8 +125,7 @@ def test_build_and_run_int8_engine(qdq_models: dict) -> None:
     out = TensorRTRunner(engine).run(x)  # 10 > max batch 8: the runner chunks
     cos = np.sum(ref * out, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1))
     assert out.shape == ref.shape and cos.min() >= 0.98
-    meta2 = build_engine(qdq_models["fp32"], qdq_models["dir"] / "fp16.engine", precision="fp16",
-                         timing_cache=qdq_models["dir"] / "timing.cache")
+    meta2 = build_engine(fp16, d / "fp16.engine", precision="fp16", timing_cache=d / "timing.cache")
     assert meta2["timing_cache_reused"]
-    out16 = TensorRTRunner(qdq_models["dir"] / "fp16.engine").run(x)
+    out16 = TensorRTRunner(d / "fp16.engine").run(x)
     assert np.max(np.abs(out16 - ref)) < 5e-2

@@ -12,14 +12,20 @@ from .app import cli, emit_json, handle_errors, json_option, val_options
 
 @cli.command("build-engine")
 @click.argument("export_dir", type=click.Path(path_type=Path))
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "best"]), help="Default: as exported.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
+              help="Default: as exported. Built from the export's typed ONNX of that precision (model.onnx, "
+                   "model.fp16.onnx, model.int8.onnx): strongly typed on TensorRT 10.12+ and 11.x.")
 @click.option("--batch", default="1,8,32", show_default=True, help="min,opt,max batch of the optimization profile.")
 @val_options
 @json_option
 @handle_errors
 def build_engine_cmd(export_dir: Path, precision: str | None, batch: str, val: Path | None, limit: int | None,
                      as_json: bool) -> None:
-    """Build a TensorRT engine on this machine (the target device) from a `--target tensorrt` export."""
+    """Build a TensorRT engine on this machine (the target device) from a `--target tensorrt` export.
+
+    \b
+    TensorRT 11.x and 10.12+: strongly typed (the ONNX decides every tensor's precision).
+    TensorRT 10.0-10.11 (JetPack 6: 10.3): weak typing with the FP16/INT8 builder flags, recorded in the report."""
     from ..targets.tensorrt.build_engine import build_engine_for_export
 
     try:

@@ -21,8 +21,10 @@ TARGET_HELP = {
     "full_integer": "TFLite INT8 with every activation int8 (NPU/DSP delegates).",
     "io_dtype": "TFLite full-integer input/output type.",
     "weights_only": "Core ML --int8 with int8 weights only (W8) instead of W8A8.",
+    "quantizer": "TensorRT --int8 QDQ placement: ort (QuantRecipe on ONNX Runtime, measured better) or modelopt "
+                 "(NVIDIA ModelOpt; pip install 'castling-deploy[modelopt]').",
 }
-OPTION_CHOICES = {"io_dtype": ["float32", "int8"]}
+OPTION_CHOICES = {"io_dtype": ["float32", "int8"], "quantizer": ["ort", "modelopt"]}
 
 
 def target_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -50,7 +52,7 @@ def target_options(func: Callable[..., Any]) -> Callable[..., Any]:
               show_default=True, help="Runtime to export for (repeatable; 'all' = every target).")
 @click.option("--arch", help="Architecture of a foreign (timm/DeiT) state dict.")
 @click.option("--int8", is_flag=True, help="INT8 quantization calibrated on --calib.")
-@click.option("--fp16", is_flag=True, help="FP16 variant (TensorRT engine flag, LiteRT fp16 weights, Core ML fp16).")
+@click.option("--fp16", is_flag=True, help="FP16 variant (TensorRT typed fp16 ONNX, LiteRT fp16 weights, Core ML).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration images (folder or .npz).")
 @click.option("--calib-size", type=int, default=512, show_default=True, help="Calibration images to use.")
 @click.option("--calib-method", type=click.Choice(["percentile", "minmax", "entropy", "mse"]), default="percentile",
@@ -67,6 +69,10 @@ def target_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("exports"), show_default=True,
               help="Output folder; results go to OUT/<model>/<target>/.")
 @click.option("--force", is_flag=True, help="Export even if folding the softmax branch changes predictions.")
+@click.option("--accept-accuracy-only", is_flag=True,
+              help="Accept a fold that keeps accuracy and agreement but changes the logits (recorded in the report).")
+@click.option("--no-migrate", is_flag=True,
+              help="INT8: do not fold the channel-scale migration for LayerNorm outlier channels into the model.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling images.")
 @json_option
 @handle_errors
@@ -87,6 +93,7 @@ def export(ckpt: Path | None, targets: tuple[str, ...], as_json: bool, **kw: Any
         ckpt = DEMO_CHECKPOINT
         kw["calib"] = kw["calib"] or DEMO_CALIB
         kw["val"] = kw["val"] or DEMO_VAL
+    kw["migrate"] = not kw.pop("no_migrate")
     result = api.export(ckpt, targets=targets, verbose=verbose_flag(), **kw)
     for t in result.targets:
         click.echo(f"{t.target}: {t.report.status} -> {t.folder}", err=True)

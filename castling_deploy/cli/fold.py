@@ -24,10 +24,12 @@ RANDOM_FOLD_INPUTS = 64
 @click.option("--limit", type=int, help="Use at most N images of --calib.")
 @tolerance_option("Largest allowed top-1 drop in points caused by the fold.")
 @click.option("--force", is_flag=True, help="Fold even if the softmax branch still matters; the drop is recorded.")
+@click.option("--accept-accuracy-only", is_flag=True,
+              help="Accept a fold that keeps accuracy and agreement but changes the logits (recorded).")
 @json_option
 @handle_errors
 def fold(ckpt: Path, out: Path, arch: str | None, calib: Path | None, limit: int | None, tolerance: float,
-         force: bool, as_json: bool) -> None:
+         force: bool, accept_accuracy_only: bool, as_json: bool) -> None:
     """Fold a training-form checkpoint to deploy form (drop the masked softmax branch), measuring its effect.
 
     Refuses (exit 3, with a per-block table) when the branch still changes predictions; --force overrides.
@@ -53,7 +55,8 @@ def fold(ckpt: Path, out: Path, arch: str | None, calib: Path | None, limit: int
     if calib is None:
         log.info("no --calib: measuring the fold on %d seeded random inputs (accuracy not measured)", len(data))
     try:
-        folded, report = fold_model(ck.build_model(), data, tolerance_points=tolerance, force=force)
+        folded, report = fold_model(ck.build_model(), data, tolerance_points=tolerance, force=force,
+                                    accept_accuracy_only=accept_accuracy_only)
     except FoldRefused as exc:
         click.echo(format_fold_report(exc.report), err=True)
         if as_json:
@@ -62,7 +65,7 @@ def fold(ckpt: Path, out: Path, arch: str | None, calib: Path | None, limit: int
     ensure_writable_dir(out.resolve().parent)
     extra: dict[str, Any] = dict(ck.extra)
     extra["fold"] = {"from": ck.path, "from_sha256": ck.sha256, "forced": report.forced,
-                     "stage": report.stage.to_dict() if report.stage else None}
+                     "accepted_on": report.accepted_on, "stage": report.stage.to_dict() if report.stage else None}
     save_checkpoint(out, folded, ck.arch, ck.preprocess, ck.labels, extra=to_jsonable(extra))
     click.echo(format_fold_report(report), err=True)
     click.echo(f"wrote deploy-form checkpoint {out}", err=True)

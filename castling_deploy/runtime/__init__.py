@@ -40,6 +40,12 @@ def _tensorrt(p: Path, threads: int | None) -> Runner:
     return TensorRTRunner(p)
 
 
+def _executorch(p: Path, threads: int | None) -> Runner:
+    from .executorch import ExecuTorchRunner
+
+    return ExecuTorchRunner(p, threads=threads)
+
+
 @dataclass(frozen=True)
 class RuntimeSpec:
     kind: str
@@ -55,6 +61,8 @@ RUNTIMES: dict[str, RuntimeSpec] = {
     ".mlpackage": RuntimeSpec("coreml", "Core ML (iOS 17+/macOS 14+; drag into Xcode)", _coreml),
     ".engine": RuntimeSpec("tensorrt", "TensorRT (only the GPU model + TensorRT version it was built with)", _tensorrt),
     ".plan": RuntimeSpec("tensorrt", "TensorRT (only the GPU model + TensorRT version it was built with)", _tensorrt),
+    ".pte": RuntimeSpec("executorch", "ExecuTorch runtime with the XNNPACK backend (Android, iOS, embedded Linux; "
+                        "batch 1)", _executorch),
 }
 
 

@@ -1,4 +1,7 @@
-"""TensorRT engine runner (TensorRT 10 ``execute_async_v3`` with tensor addresses). Needs a CUDA GPU.
+"""TensorRT engine runner (``execute_async_v3`` with tensor addresses: TensorRT 10.x and 11.x). Needs a CUDA GPU.
+
+Only API that TensorRT 11 kept is used (tests/test_tensorrt_api.py checks it against the stubs and the 11.x removals).
+The engines built here keep fp32 I/O (the typed ONNX files keep their exported I/O types); other I/O is refused.
 
 Device buffers come from torch.cuda when torch has CUDA, else from cuda-python (``cuda.cudart``).
 """
@@ -95,6 +98,10 @@ class TensorRTRunner:
         if len(inputs) != 1 or len(outputs) != 1:
             raise UsageError(f"{p}: expected one input and one output, found {inputs} / {outputs}")
         self.input_name, self.output_name = inputs[0], outputs[0]
+        for n in (self.input_name, self.output_name):
+            if self.engine.get_tensor_dtype(n) != trt.DataType.FLOAT:
+                raise UsageError(f"{p}: I/O tensor {n!r} is {self.engine.get_tensor_dtype(n)}, not FLOAT; build the "
+                                 "engine from this project's typed ONNX, whose inputs and outputs stay fp32")
         self.max_batch = int(self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
         self.context = self.engine.create_execution_context()
         try:

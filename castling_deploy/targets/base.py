@@ -46,6 +46,11 @@ class ExportOptions:
     val_limit: int | None = None
     seed: int = 0
     verbose: bool = False
+    # INT8 only: fold the channel-scale migration (quantize/migrate.py) into the float model when a LayerNorm's
+    # output channel spread on the calibration set is large; False = --no-migrate.
+    migrate: bool = True
+    # The fold gate's logit-fidelity goal (fold.MIN_FOLD_SAMPLE_COSINE) waived: --accept-accuracy-only, recorded.
+    accept_accuracy_only: bool = False
     target_options: dict[str, Any] = field(default_factory=dict)
 
     def option(self, name: str) -> Any:

@@ -59,12 +59,19 @@ def _tflite() -> ModuleType:
     return target
 
 
+def _executorch() -> ModuleType:
+    from .executorch import target
+
+    return target
+
+
 TARGETS: dict[str, TargetSpec] = {
     "onnx": TargetSpec("onnx", "ONNX fp32 and INT8 QDQ for ONNX Runtime", _onnx,
                        packages=("onnx", "onnxruntime", "onnxsim"), suffixes=(".onnx",)),
-    "tensorrt": TargetSpec("tensorrt", "TensorRT-ready ONNX (fp32 / typed INT8 QDQ) + engine on the device", _tensorrt,
+    "tensorrt": TargetSpec("tensorrt", "TensorRT typed ONNX (fp32 / fp16 / INT8 QDQ) + engine on the device", _tensorrt,
                            extra="tensorrt", packages=("onnx", "onnxruntime", "onnxsim", "tensorrt"),
-                           suffixes=(".onnx", ".engine", ".plan")),
+                           suffixes=(".onnx", ".engine", ".plan"),
+                           options=(TargetOption("quantizer", "--quantizer", "ort", needs_int8=True),)),
     "coreml": TargetSpec("coreml", "Core ML mlprogram fp16 / W8 / W8A8 (Apple Neural Engine)", _coreml,
                          extra="coreml", packages=("coremltools",), suffixes=(".mlpackage",),
                          options=(TargetOption("weights_only", "--weights-only", False, needs_int8=True),)),
@@ -73,6 +80,9 @@ TARGETS: dict[str, TargetSpec] = {
                          suffixes=(".tflite",),
                          options=(TargetOption("full_integer", "--full-integer", False, needs_int8=True),
                                   TargetOption("io_dtype", "--io-dtype", "float32", needs="full_integer"))),
+    "executorch": TargetSpec("executorch", "ExecuTorch .pte fp32 / fp16 / INT8, XNNPACK-delegated (PyTorch mobile)",
+                             _executorch, extra="executorch", packages=("executorch", "torchao"),
+                             suffixes=(".pte",)),
 }
 BASE_PACKAGES = ("torch", "numpy")
 

@@ -1,5 +1,6 @@
-"""``castling-deploy build-engine``: on the device, build the engine inside a `--target tensorrt` export folder,
-verify it against the float ONNX, and record both in the folder's report.json."""
+"""``castling-deploy build-engine``: on the device, build the engine inside a `--target tensorrt` export folder from
+the typed ONNX of the asked precision (strongly typed on TensorRT 10.12+ and 11.x), verify it against the float
+ONNX, and record both in the folder's report.json."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +17,19 @@ from .engine import _import_tensorrt, build_engine
 from .target import DEFAULT_BATCH_RANGE, ENGINE_NAME
 
 
+def _engine_input(info: dict[str, Any], precision: str) -> str:
+    """The ONNX an engine of ``precision`` is built from: the typed file the export wrote for it (fp32: model.onnx,
+    fp16: model.fp16.onnx, int8: model.int8.onnx). Reports written before typed exports name only one file."""
+    legacy = {info.get("precision", "fp32"): info.get("onnx_for_engine", "model.onnx")}
+    inputs = dict(info.get("engine_inputs") or legacy)
+    inputs.setdefault("fp32", "model.onnx")
+    if precision not in inputs:
+        flag = {"fp16": "--fp16", "int8": "--int8"}.get(precision, "")
+        raise UsageError(f"this export has no {precision} engine input: under strong typing (TensorRT 10.12+, 11.x) "
+                         f"the precision is in the ONNX; re-export with {flag} or pick one of {', '.join(inputs)}")
+    return str(inputs[precision])
+
+
 def build_engine_for_export(folder: Path, *, precision: str | None = None,
                             batch_range: tuple[int, int, int] = DEFAULT_BATCH_RANGE,
                             val: Path | None = None, limit: int | None = None) -> dict[str, Any]:
@@ -28,16 +42,18 @@ def build_engine_for_export(folder: Path, *, precision: str | None = None,
         raise UsageError(f"{folder}: this export is for target {report.target!r}, not tensorrt; pass a folder written "
                          "by `export --target tensorrt`")
     _import_tensorrt()  # exit 4 before touching the folder when TensorRT is absent
-    precision = precision or report.target_info.get("precision", "fp16")
-    onnx_path = Path(folder) / str(report.target_info.get("onnx_for_engine", "model.onnx"))
+    precision = precision or report.target_info.get("precision", "fp32")
+    onnx_path = Path(folder) / _engine_input(report.target_info, precision)
     if onnx_path.parent.resolve() != Path(folder).resolve():
-        raise UsageError(f"{folder}/report.json names an engine input outside its folder; re-run the export")
+        raise UsageError(f"{folder}/report.json names an engine input outside its folder; re-export it")
+    if not onnx_path.is_file():
+        raise UsageError(f"{onnx_path}: the {precision} engine input is missing from this export; re-export it")
     engine = Path(folder) / ENGINE_NAME
     meta = build_engine(onnx_path, engine, precision=precision, batch_range=batch_range,
                         timing_cache=Path(folder) / "timing.cache")
     result: dict[str, Any] = {"engine": meta}
-    record = ArtifactRecord(ENGINE_NAME, precision, f"TensorRT {meta['tensorrt']} on {meta['gpu']}",
-                            sha256=file_sha256(engine), bytes=engine.stat().st_size)
+    runtime = f"TensorRT {meta['tensorrt']} ({meta['typing']} typing) on {meta['gpu']}"
+    record = ArtifactRecord(ENGINE_NAME, precision, runtime, sha256=file_sha256(engine), bytes=engine.stat().st_size)
     if val is None:
         report.note("engine built but not verified: pass --val DIR to build-engine to measure its accuracy")
         result["verified"] = False

@@ -1,0 +1,1 @@
+"""ExecuTorch target (``--target executorch``): XNNPACK-delegated ``.pte`` programs; see ``target.py``."""
