@@ -107,7 +107,7 @@ def _time(arts: dict[str, dict[str, Any]], threads: int, x: np.ndarray, held: np
     lat = time_interleaved([(lambda r=r: r.run(x)) for r in runners.values()], args.runs, args.warmup, args.rounds)
     rows = [{"variant": n, "threads": threads, "p50_ms": round(float(np.percentile(v, 50)), 3),
              "p90_ms": round(float(np.percentile(v, 90)), 3), "min_ms": round(float(v.min()), 3)}
-            for n, v in zip(runners, lat)]
+            for n, v in zip(runners, lat, strict=True)]
     base = next(r["p50_ms"] for r in rows if r["variant"] == BASELINE)
     base_min = next(r["min_ms"] for r in rows if r["variant"] == BASELINE)
     for row in rows:

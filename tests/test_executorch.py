@@ -12,7 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-pytest.importorskip("executorch.runtime", reason="executorch is not installed: pip install 'castling-deploy[executorch]'")
+pytest.importorskip("executorch.runtime",
+                    reason="executorch is not installed: pip install 'castling-deploy[executorch]'")
 
 from castling_deploy.cli import cli  # noqa: E402
 from castling_deploy.fold import fold_softmax_branch  # noqa: E402
@@ -135,6 +136,26 @@ def test_package_and_verify_take_pte_through_the_registry(demo, tmp_path: Path) 
     measured = {Path(a["file"]).name: a for a in json.loads(r.stdout)["accuracy"] if "measured_top1" in a}
     assert set(measured) == {"model.pte", "model.int8.pte"}
     assert all(a["measured_top1"] >= 95.0 for a in measured.values())
+
+
+def test_census_counts_macs_left_on_portable_kernels(tmp_path: Path) -> None:
+    """A program lowered without any delegate: every MAC is on portable kernels, counted from tensor shapes."""
+    from executorch.exir import to_edge
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from castling_deploy.targets.executorch.census import pte_census
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, groups=1), torch.nn.Flatten(1), torch.nn.Linear(8 * 6 * 6, 5),
+                              torch.nn.Unflatten(1, (1, 5)), torch.nn.Linear(5, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        net(x)
+    path = tmp_path / "portable.pte"
+    path.write_bytes(to_edge(torch.export.export(net, (x,))).to_executorch().buffer)
+    census = pte_census(path)
+    assert census["macs"]["portable"] == census["macs"]["total"] == counter.get_total_flops() // 2 > 0
+    assert census["delegated_mac_fraction"] == 0.0 and census["delegate_calls"] == {}
 
 
 def test_decompositions_are_exact_and_leave_no_unsupported_ops() -> None:

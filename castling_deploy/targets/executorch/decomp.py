@@ -60,7 +60,7 @@ def _select(x: torch.Tensor, dim: int, index: int) -> Any:
 
 def _expand(x: torch.Tensor, size: list[int], implicit: bool = False) -> Any:
     """An expand that changes nothing (``cls_token.expand(1, -1, -1)`` at batch 1) becomes a view."""
-    if len(size) != x.dim() or any(s not in (-1, d) for s, d in zip(size, x.shape)):
+    if len(size) != x.dim() or any(s not in (-1, d) for s, d in zip(size, x.shape, strict=True)):
         return NotImplemented
     return x.view(list(x.shape))
 
