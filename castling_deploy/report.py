@@ -153,8 +153,8 @@ def load_report(path: Path) -> Report:
     return Report.from_dict(data, str(path))
 
 
-def record_latency(artifact: Path, result: dict[str, Any]) -> Path | None:
-    """When ``artifact`` sits in an export folder, keep its latency summary in that report.json."""
+def _report_beside(artifact: Path) -> tuple[Path, Report] | None:
+    """The report.json of the export folder ``artifact`` sits in, when it lists that file; else None."""
     report_path = Path(artifact).parent / "report.json"
     if not report_path.is_file():
         return None
@@ -162,8 +162,15 @@ def record_latency(artifact: Path, result: dict[str, Any]) -> Path | None:
         report = load_report(report_path)
     except UsageError:
         return None
-    if report.artifact(Path(artifact).name) is None:
+    return (report_path, report) if report.artifact(Path(artifact).name) is not None else None
+
+
+def record_latency(artifact: Path, result: dict[str, Any]) -> Path | None:
+    """When ``artifact`` sits in an export folder, keep its latency summary in that report.json."""
+    found = _report_beside(artifact)
+    if found is None:
         return None
+    report_path, report = found
     lat = report.latency or {}
     lat[Path(artifact).name] = {k: result.get(k) for k in ("runtime", "threads", "batch", "runs", "warmup",
                                                            "latency_ms", "load_ms", "host")}
@@ -174,15 +181,10 @@ def record_latency(artifact: Path, result: dict[str, Any]) -> Path | None:
 
 def record_device_run(artifact: Path, entry: dict[str, Any]) -> Path | None:
     """Append one device run (what ran where: uri, fingerprint, numbers) to the report beside ``artifact``."""
-    report_path = Path(artifact).parent / "report.json"
-    if not report_path.is_file():
+    found = _report_beside(artifact)
+    if found is None:
         return None
-    try:
-        report = load_report(report_path)
-    except UsageError:
-        return None
-    if report.artifact(Path(artifact).name) is None:
-        return None
+    report_path, report = found
     report.devices.append(entry)
     report.save(report_path)
     return report_path
