@@ -1,7 +1,6 @@
 """Full-integer LiteRT: the exact graph rewrite, the delegation census and the per-tensor error trace."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

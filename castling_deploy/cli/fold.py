@@ -41,6 +41,9 @@ def fold(ckpt: Path, out: Path, arch: str | None, calib: Path | None, limit: int
     from ..output import ensure_writable_dir, to_jsonable
 
     check_tolerance(tolerance)
+    if force and accept_accuracy_only:
+        raise UsageError("--accept-accuracy-only and --force both override the fold gate; pass one (--force also "
+                         "folds when accuracy drops)")
     if limit is not None and (limit < 1 or calib is None):
         raise UsageError("--limit N (N >= 1) samples the --calib images; pass --calib DIR too")
     if out.exists() and ckpt.exists() and out.resolve() == ckpt.resolve():

@@ -18,13 +18,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CastlingError, DiskFullError, UsageError
 from ..optional import import_optional
 from .calibration import CalibrationCache, CalibrationReader, CalibrationSet, file_digest
 from .graph import classify_nodes, depth_of
 from .recipe import QuantRecipe
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
