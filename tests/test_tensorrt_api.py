@@ -134,7 +134,7 @@ def _fake(version: str, monkeypatch: pytest.MonkeyPatch) -> FakeTensorRT:
     removed = TRT11_REMOVED if version.startswith("11.") else ()
     fake = FakeTensorRT(SURFACE, version, removed)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(engine_mod, "_gpu_name", lambda: "fake GPU")
+    monkeypatch.setattr(engine_mod, "_gpu", lambda: ("fake GPU", "8.7"))
     return fake
 
 

@@ -43,3 +43,13 @@ class DeviceRuntimeMissing(CastlingError):
         self.uri, self.module, self.pip_package, self.python = uri, module, pip_package, python
         self.fix = f"on the device run: {python} -m pip install {pip_package}"
         super().__init__(f"{uri}: the device python ({python}) cannot import {module}; {self.fix}")
+
+
+class DeviceToolMissing(CastlingError):
+    """A tool the device must provide (trtexec) is absent or unusable there (exit 4, like a missing runtime)."""
+
+    exit_code = 4
+
+    def __init__(self, uri: str, message: str, fix: str) -> None:
+        self.uri, self.fix = uri, fix
+        super().__init__(f"{uri}: {message}; {fix}")

@@ -97,6 +97,30 @@ def _clocks():
             "cpu_max_khz": int(hi.strip()) if hi and hi.strip().isdigit() else None}
 
 
+# Jetson SoC (device-tree "compatible") -> the GPU's compute capability: what a TensorRT engine is compiled for.
+JETSON_SM = (("tegra234", "8.7"), ("tegra194", "7.2"), ("tegra186", "6.2"), ("tegra210", "5.3"))
+
+
+def _gpu():
+    """First NVIDIA GPU per nvidia-smi: name, compute capability, driver, memory; None without nvidia-smi.
+    (Older drivers lack the compute_cap field: asked again without it.)"""
+    fields = "name,compute_cap,driver_version,memory.total"
+    out = _cmd(["nvidia-smi", "--query-gpu=" + fields, "--format=csv,noheader,nounits"])
+    if out is None:
+        fields = "name,driver_version,memory.total"
+        out = _cmd(["nvidia-smi", "--query-gpu=" + fields, "--format=csv,noheader,nounits"])
+    if not out:
+        return None
+    values = [v.strip() for v in out.splitlines()[0].split(",")]
+    info = dict(zip(fields.split(","), values))
+    cc = info.get("compute_cap")
+    mem = info.get("memory.total", "")
+    return {"name": info.get("name") or None,
+            "compute_capability": cc if cc and re.match(r"^\d+\.\d+$", cc) else None,
+            "driver": info.get("driver_version") or None,
+            "memory_mb": int(mem) if mem.isdigit() else None}
+
+
 def _jetson(root="/"):
     """L4T release, CUDA, TensorRT (deb), power mode and GPU clock pinning; None off Jetson. ``root`` lets
     tests point the file probes at a fake tree."""
@@ -123,6 +147,8 @@ def _jetson(root="/"):
     info["power_mode_id"] = q.splitlines()[-1].strip() if q and q.splitlines()[-1].strip().isdigit() else None
     model = _read(root + "proc/device-tree/model")
     info["model"] = model.strip("\x00\n ") if model else None
+    compatible = _read(root + "proc/device-tree/compatible") or ""
+    info["compute_capability"] = next((cc for soc, cc in JETSON_SM if soc in compatible), None)
     info["gpu_clocks_pinned"] = None  # jetson_clocks sets the GPU devfreq min to its max
     for dev in sorted(glob.glob(root + "sys/class/devfreq/*")):
         if re.search(r"gpu|gv11b|ga10b|gp10b|gm20b", os.path.basename(dev)):
@@ -178,6 +204,7 @@ def collect_fingerprint():
         "runtimes": {m: _module_version(m, d) for m, d in RUNTIME_MODULES},
     }
     fp.update(_clocks())
+    fp["gpu"] = _gpu()
     fp["jetson"] = _jetson()
     return fp
 

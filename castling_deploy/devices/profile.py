@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import UsageError
 from .base import Device, sha256_of
+from .engine_compat import ENGINE_SUFFIXES, check_engine_runs_on
 from .errors import DeviceError, DeviceNoSpace, DeviceRuntimeMissing, DeviceTimeout, DeviceUsageError
 from .remote_runner import MARKER
 from .scripts import runner_script
@@ -65,6 +66,14 @@ def _check_args(runs: int, warmup: int, threads: int | None, batch: int) -> None
         raise UsageError(f"--threads must be >= 1 (got {threads})")
 
 
+def _check_engine(device: Device, artifact: Path) -> None:
+    """A TensorRT engine is refused before it is pushed when its recorded TensorRT / GPU is not the device's."""
+    if artifact.suffix.lower() in ENGINE_SUFFIXES:
+        for note in check_engine_runs_on(artifact, device.fingerprint(), device.uri, export_dir=str(artifact.parent)):
+            log.warning("%s: %s; TensorRT will load it but it may run slower than an engine built there",
+                        device.uri, note)
+
+
 def profile_on_device(device: Device, artifact: Path, *, runs: int = 100, warmup: int = 10,
                       threads: int | None = None, batch: int = 1, shape: tuple[int, ...] | None = None,
                       timeout: float | None = None) -> dict[str, Any]:
@@ -77,6 +86,7 @@ def profile_on_device(device: Device, artifact: Path, *, runs: int = 100, warmup
         from .adb import profile_with_benchmark_model
 
         return profile_with_benchmark_model(device, artifact, runs=runs, warmup=warmup, threads=threads, batch=batch)
+    _check_engine(device, artifact)
     remote = device.push(artifact)
     args = ["profile", remote, "--runs", str(runs), "--warmup", str(warmup), "--batch", str(batch)]
     if threads:
@@ -115,6 +125,7 @@ def logits_on_device(device: Device, artifact: Path, inputs: np.ndarray, *, thre
     x = np.ascontiguousarray(inputs, dtype=np.float32)
     if x.ndim != 4:
         raise UsageError(f"inputs must be NCHW images (N, C, H, W), got shape {x.shape}")
+    _check_engine(device, artifact)
     remote = device.push(artifact)
     with tempfile.TemporaryDirectory(prefix="castling-deploy-") as local_tmp, device.temp_dir() as tmp:
         local_in, local_out = Path(local_tmp) / "inputs.npy", Path(local_tmp) / "logits.npy"

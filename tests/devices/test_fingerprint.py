@@ -21,6 +21,8 @@ def test_jetson_tree(tmp_path: Path) -> None:
         '{\n   "cuda" : {\n      "name" : "CUDA SDK",\n      "version" : "11.4.19"\n   },\n   "cuda_cudart" : {}\n}\n')
     (root / "proc/device-tree").mkdir(parents=True)
     (root / "proc/device-tree/model").write_text("NVIDIA Jetson AGX Orin Developer Kit\x00")
+    (root / "proc/device-tree/compatible").write_text("nvidia,p3737-0000+p3701-0000\x00nvidia,p3701-0000\x00"
+                                                       "nvidia,tegra234\x00")
     gpu = root / "sys/class/devfreq/17000000.ga10b"
     gpu.mkdir(parents=True)
     (gpu / "min_freq").write_text("1300500000\n")
@@ -29,11 +31,12 @@ def test_jetson_tree(tmp_path: Path) -> None:
     assert info["l4t"] == "35.4.1" and info["cuda"] == "11.4.19"
     assert info["model"] == "NVIDIA Jetson AGX Orin Developer Kit" and info["gpu_clocks_pinned"] is True
     assert info["power_mode"] is None  # no nvpmodel here: unknown, not an error
+    assert info["compute_capability"] == "8.7"  # tegra234 = Orin: what its TensorRT engines are compiled for
 
 
 def test_fingerprint_keys() -> None:
     fp = collect_fingerprint()
     assert {"hostname", "os", "kernel", "arch", "cpu_model", "cpu_cores", "memory_mb", "python", "runtimes",
-            "cpu_clocks_pinned", "jetson"} <= set(fp)
+            "cpu_clocks_pinned", "gpu", "jetson"} <= set(fp)
     assert set(fp["runtimes"]) == {"onnxruntime", "ai_edge_litert", "tflite_runtime", "tensorrt", "coremltools",
                                    "numpy"}

@@ -72,12 +72,14 @@ def trtexec_command(
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
-def _gpu_name() -> str:
+def _gpu() -> tuple[str, str | None]:
+    """(name, compute capability "major.minor") of CUDA device 0: what an engine built here is compiled for."""
     try:
         import torch
 
         if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
+            major, minor = torch.cuda.get_device_capability(0)
+            return torch.cuda.get_device_name(0), f"{major}.{minor}"
     except Exception:  # torch without CUDA, or no driver
         pass
     try:
@@ -85,10 +87,10 @@ def _gpu_name() -> str:
 
         err, props = cudart.cudaGetDeviceProperties(0)
         if int(err) == 0:
-            return props.name.decode(errors="replace").rstrip("\x00")
+            return props.name.decode(errors="replace").rstrip("\x00"), f"{props.major}.{props.minor}"
     except Exception:
         pass
-    return "unknown"
+    return "unknown", None
 
 
 def onnx_precision_problem(onnx_path: Path, precision: str) -> str | None:
@@ -189,6 +191,7 @@ def build_engine(
     if serialized is None:
         raise CastlingError(f"TensorRT failed to build an engine from {onnx_path.name} (see the log above)")
     build_seconds = time.perf_counter() - t0
+    gpu, cc = _gpu()
 
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(engine_path, bytes(serialized))
@@ -196,7 +199,7 @@ def build_engine(
         _atomic_write(Path(timing_cache), bytes(cache.serialize()))
     meta = {
         "tensorrt": version, "typing": mode, "typing_note": _TYPING_NOTES[mode], "network_flags": network_flags,
-        "builder_flags": flags, "gpu": _gpu_name(), "precision": precision, "batch_range": list(batch_range),
+        "builder_flags": flags, "gpu": gpu, "compute_capability": cc, "precision": precision, "batch_range": list(batch_range),
         "input": {"name": input_name, "shape": [-1, *chw]}, "onnx": str(onnx_path), "engine": str(engine_path),
         "engine_bytes": engine_path.stat().st_size, "build_seconds": round(build_seconds, 3),
         "timing_cache": str(timing_cache) if timing_cache else None, "timing_cache_reused": bool(cache_bytes),
