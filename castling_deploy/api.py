@@ -126,9 +126,11 @@ def profile(artifact: PathLike, *, runs: int = 100, warmup: int = 10, threads: i
             progress: bool = False) -> dict[str, Any]:
     """Latency of an exported artifact on its runtime here (load time, p50/p90/p99, throughput, memory, per-op).
     With ``record``, the summary is kept in the report.json beside the artifact (when there is one)."""
+    from .output import remove_stale_temp_dirs
     from .profiling import profile_artifact
     from .report import record_latency
 
+    remove_stale_temp_dirs()
     if runs < 1 or warmup < 0 or batch < 1 or (threads is not None and threads < 1):
         raise UsageError("--runs and --batch must be >= 1, --warmup >= 0, --threads >= 1")
     artifact = Path(artifact)
@@ -161,8 +163,10 @@ def verify(file: PathLike, *, val: PathLike | None = None, limit: int | None = N
     result). Raises ``ToleranceError`` (its ``.result`` holds the details) when the package fails."""
     from .data import load_image_set
     from .errors import DataError
+    from .output import interrupts_clean_up, remove_stale_temp_dirs
     from .packaging import inspect_package, verify_package
 
+    remove_stale_temp_dirs()  # e.g. the extraction folder of a verify killed with SIGKILL
     check_tolerance(tolerance)
     images = labels = None
     if val is not None:
@@ -174,7 +178,8 @@ def verify(file: PathLike, *, val: PathLike | None = None, limit: int | None = N
     kw = dict(val_images=images, val_labels=labels, tolerance=tolerance,
               trust=Path(trust) if trust is not None else None, min_top1=min_top1)
     if not devices:
-        return verify_package(Path(file), **kw)
+        with interrupts_clean_up():  # SIGINT/SIGTERM remove the extraction folder and exit 130
+            return verify_package(Path(file), **kw)
     if images is None:
         raise UsageError("verify --device runs the package's models on the device: pass --val DIR (labelled images)")
     return _verify_on_devices(Path(file), list(devices), python, Path(ssh_config) if ssh_config else None, kw)
@@ -225,8 +230,10 @@ def profile_on_devices(artifact: PathLike, devices: Iterable[str], *, python: st
     one unreachable board does not hide the others). With ``record``, each success (numbers + fingerprint) is
     appended to the ``devices`` list of the report.json beside the artifact."""
     from .devices import close_all, parse_device, profile_fleet
+    from .output import remove_stale_temp_dirs
     from .report import record_device_run
 
+    remove_stale_temp_dirs()
     if runs < 1 or warmup < 0 or batch < 1 or (threads is not None and threads < 1):
         raise UsageError("--runs and --batch must be >= 1, --warmup >= 0, --threads >= 1")
     artifact = Path(artifact)

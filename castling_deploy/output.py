@@ -1,8 +1,10 @@
 """Atomic output folders and report files.
 
 Every stage writes into a hidden staging folder beside its destination and renames it into place only when
-complete, so an interrupted run (Ctrl-C, SIGTERM, a crash) leaves no half-written artifact behind. Staging
-folders orphaned by SIGKILL are removed by the next run.
+complete, so an interrupted run (Ctrl-C, SIGTERM, a crash) leaves no half-written artifact behind. Run-scoped
+temporary folders (``run_temp_dir``) are named ``castling-<what>-<pid>-XXXXXXXX`` and registered for the same
+interrupt cleanup. Nothing can clean up at SIGKILL, so staging folders and temp folders a killed run left behind
+(its pid no longer alive) are removed by the next run.
 """
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,21 +42,97 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError, ValueError):  # another user's process, or no pid we can judge: keep
         return True
     return True
 
 
+# Names of the staging and temp folders this process made. A folder named with our own pid that is not among them
+# was left by a dead process that had the same pid (pids repeat, e.g. pid 1 in every fresh container).
+_MINE: set[str] = set()
+
+
+def _is_stale(name: str, pid: int) -> bool:
+    if pid == os.getpid():
+        return name not in _MINE
+    return not _pid_alive(pid)
+
+
+def _remove_if_own_dir(path: Path) -> bool:
+    """rmtree ``path`` only if it is a real folder (never a symlink) owned by this user."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    getuid = getattr(os, "getuid", None)
+    if not stat.S_ISDIR(st.st_mode) or (getuid is not None and st.st_uid != getuid()):
+        return False
+    shutil.rmtree(path, ignore_errors=True)  # rmtree itself refuses a folder swapped for a symlink meanwhile
+    return True
+
+
 def remove_orphaned_staging(parent: Path) -> None:
+    """Remove the staging folders (``.partial-<pid>-<name>-XXXX``) and results moved aside
+    (``.partial-<pid>-old-<name>``) in ``parent`` whose run is gone (killed while building or swapping)."""
     if not parent.is_dir():
         return
     for p in parent.glob(f"{STAGING_PREFIX}*"):
         try:
-            pid = int(p.name.split("-")[1])  # .partial-<pid>-<name>-<random>
+            pid = int(p.name.split("-")[1])  # .partial-<pid>-<name>-<random> or .partial-<pid>-old-<name>
         except (IndexError, ValueError):
             continue
-        if not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
+        if _is_stale(p.name, pid):
+            _remove_if_own_dir(p)
+
+
+TEMP_PREFIX = "castling-"
+_WHAT = re.compile(r"[a-z][a-z0-9]*(?:-[a-z][a-z0-9]*)*")
+# castling-<what>-<pid>-<8 mkdtemp characters>; every part of <what> starts with a letter, so <pid> is unambiguous.
+_TEMP_NAME = re.compile(rf"{re.escape(TEMP_PREFIX)}{_WHAT.pattern}-(\d+)-[a-z0-9_]{{8}}")
+
+
+def remove_stale_temp_dirs(root: Path | None = None) -> list[Path]:
+    """Remove the run temp folders (``castling-<what>-<pid>-XXXXXXXX`` in ``root``, default the temp dir) of runs that
+    are gone, e.g. killed with SIGKILL. Only real folders with exactly that name and owned by this user are touched;
+    a live run's folders stay. Called at the start of every export, verify and profile. Returns what was removed."""
+    root = Path(root if root is not None else tempfile.gettempdir())
+    try:
+        names = [e.name for e in os.scandir(root)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        m = _TEMP_NAME.fullmatch(name)
+        if m is not None and _is_stale(name, int(m.group(1))) and _remove_if_own_dir(root / name):
+            removed.append(root / name)
+    return removed
+
+
+def new_run_temp_dir(what: str) -> Path:
+    """A private temp folder ``castling-<what>-<pid>-XXXXXXXX``, registered for interrupt cleanup. Remove it with
+    ``remove_temp_dir`` (or use ``run_temp_dir``); if the process is killed, the next run removes it."""
+    if not _WHAT.fullmatch(what):
+        raise ValueError(f"temp folder kind {what!r}: lowercase words joined by '-', each starting with a letter")
+    path = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{what}-{os.getpid()}-"))
+    _MINE.add(path.name)
+    register_cleanup(path)
+    return path
+
+
+def remove_temp_dir(path: Path) -> None:
+    """Remove a folder registered for interrupt cleanup, then forget it (a signal in between removes it too)."""
+    shutil.rmtree(path, ignore_errors=True)
+    unregister_cleanup(path)
+
+
+@contextlib.contextmanager
+def run_temp_dir(what: str) -> Iterator[Path]:
+    """A run-scoped temp folder (see ``new_run_temp_dir``), removed when the block ends, fails or is interrupted."""
+    path = new_run_temp_dir(what)
+    try:
+        yield path
+    finally:
+        remove_temp_dir(path)
 
 
 # Paths to remove if the process is interrupted: staging folders and run-scoped temporary folders.
@@ -98,28 +178,69 @@ def interrupts_clean_up() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM arriving inside the block take effect (with the handler that was installed) when it ends, so
+    a result is never caught half-swapped: its previous version moved aside, the new one not yet in place."""
+    pending: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    try:
+        previous = [signal.signal(s, lambda signum, frame: pending.append(signum)) for s in signals]
+    except ValueError:  # not the main thread: signals are handled in the main thread anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, prev in zip(signals, previous):
+            signal.signal(s, prev if prev is not None else signal.SIG_DFL)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def _swap_into_place(staging: Path, final: Path) -> None:
+    """Rename ``staging`` onto ``final``. A previous ``final`` goes aside as ``.partial-<pid>-old-<name>`` and is
+    removed once the new one is in place (by us, by the interrupt handler, or — after SIGKILL — by the next run); if
+    the rename fails it is put back."""
+    if not final.exists():
+        os.replace(staging, final)
+        return
+    old = final.parent / f"{STAGING_PREFIX}{os.getpid()}-old-{final.name}"
+    _MINE.add(old.name)
+    swapped = False
+    try:
+        with _signals_deferred():
+            os.replace(final, old)
+            register_cleanup(old)
+            try:
+                os.replace(staging, final)
+            except BaseException:
+                unregister_cleanup(old)
+                os.replace(old, final)
+                raise
+            swapped = True
+    finally:
+        if swapped:
+            remove_temp_dir(old)
+
+
+@contextlib.contextmanager
 def staged_dir(final: Path) -> Iterator[Path]:
     """Yield a staging folder; on normal exit it replaces ``final`` atomically, on any exception it is removed."""
     final = Path(final)
     parent = ensure_writable_dir(final.parent)
     remove_orphaned_staging(parent)
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=f"{STAGING_PREFIX}{os.getpid()}-{final.name}-"))
+    _MINE.add(staging.name)
     register_cleanup(staging)
     try:
         yield staging
+        _normalize_modes(staging)
+        _swap_into_place(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         unregister_cleanup(staging)
-    _normalize_modes(staging)
-    old = None
-    if final.exists():
-        old = parent / f"{STAGING_PREFIX}{os.getpid()}-old-{final.name}"
-        os.replace(final, old)
-    os.replace(staging, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _normalize_modes(root: Path) -> None:

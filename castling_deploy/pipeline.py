@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ from .data import ImageSet, check_overlap, load_image_set, random_inputs
 from .errors import ToleranceError, UsageError
 from .fold import FoldRefused, FoldReport, accuracy_kept, fold_model, format_fold_report, predict
 from .models.checkpoint import Checkpoint, load_checkpoint
-from .output import ensure_writable_dir, interrupts_clean_up, staged_dir, unregister_cleanup
+from .output import (ensure_writable_dir, interrupts_clean_up, remove_stale_temp_dirs, remove_temp_dir,
+                     staged_dir)
 from .quiet import quiet_native_output
 from .report import Report
 from .targets.base import ExportOptions, ExportSession, TargetOutcome
@@ -265,24 +265,41 @@ def run_export(ckpt_path: Path, opts: ExportOptions) -> list[tuple[Path, Report]
     for t in opts.targets:
         get_target(t)
     ensure_writable_dir(Path(opts.out))  # fail before the slow work, not after
+    remove_stale_temp_dirs()  # what a killed (SIGKILL) run left in the temp folder
     try:
         sess = prepare_session(ckpt_path, opts)
     except FoldRefused as exc:
         return _refused_reports(exc, opts)
-    results = []
+    model_dir = Path(opts.out) / sess.model_name
+    made_model_dir = not model_dir.exists()
     try:
-        for target in opts.targets:
-            log.info("building %s", target)
-            folder, report = build_target(sess, target)
-            log.info("%s\n%s", folder, format_budget(report.error_budget))
-            if report.quantization:
-                log.info("int8 census: %s", census_summary(target, report.quantization.get("census") or {}))
-            results.append((folder, report))
+        return _build_targets(sess)
+    except Exception:
+        if made_model_dir:
+            _remove_if_empty(model_dir)  # a failed run leaves no empty OUT/<model>
+        raise
     finally:
         for item in sess.shared.values():
-            shutil.rmtree(Path(item[0]).parent, ignore_errors=True)
-            unregister_cleanup(Path(item[0]).parent)
+            remove_temp_dir(Path(item[0]).parent)
+
+
+def _build_targets(sess: ExportSession) -> list[tuple[Path, Report]]:
+    results = []
+    for target in sess.opts.targets:
+        log.info("building %s", target)
+        folder, report = build_target(sess, target)
+        log.info("%s\n%s", folder, format_budget(report.error_budget))
+        if report.quantization:
+            log.info("int8 census: %s", census_summary(target, report.quantization.get("census") or {}))
+        results.append((folder, report))
     return results
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only ever removes an empty folder
+    except OSError:
+        pass
 
 
 def failure_error(results: list[tuple[Path, Report]]) -> ToleranceError | None:

@@ -122,8 +122,10 @@ MUTANTS = [
              "if False:")],
            ["tests/test_package.py::test_unsafe_archives_are_refused_before_writing"]),
     # ---- cleanup --------------------------------------------------------------------------------------------
-    Mutant("float-onnx-temp-leaks", "the shared float ONNX temp folder is not registered for interrupt cleanup",
-           [("castling_deploy/targets/onnx/target.py", "register_cleanup(keep.parent)", "pass")],
+    Mutant("run-temp-leaks", "run temp folders (shared float ONNX, Core ML fp32, sweeps) are not registered for "
+           "interrupt cleanup",
+           [("castling_deploy/output.py", "    _MINE.add(path.name)\n    register_cleanup(path)\n    return path",
+             "    _MINE.add(path.name)\n    return path")],
            ["tests/test_export_onnx.py::test_sigterm_during_a_second_target_removes_every_temp_folder"]),
     Mutant("staging-kept-on-error", "a failed build leaves its staging folder behind",
            [("castling_deploy/output.py",

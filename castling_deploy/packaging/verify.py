@@ -14,7 +14,6 @@ import hashlib
 import math
 import shutil
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 
 from ..budget import DEFAULT_TOLERANCE_POINTS
 from ..errors import DiskFullError, ToleranceError, UsageError
+from ..output import new_run_temp_dir, remove_temp_dir
 from .accuracy import LogitsFn, check_artifact_entries, format_rows, rerun_accuracy
 from .archive import (
     MAX_MANIFEST_BYTES,
@@ -85,11 +85,12 @@ def _prepare_dest(extract_to: Path | None, need: int) -> tuple[Path, bool, bool]
         dest.mkdir(parents=True, exist_ok=True)
         keep = True
     else:
-        dest, keep, created = Path(tempfile.mkdtemp(prefix="castling-verify-")), False, True
+        dest, keep, created = new_run_temp_dir("verify"), False, True  # up to the package size: removed on
+        # return, exception and SIGINT/SIGTERM; after SIGKILL by the next run
     free = shutil.disk_usage(dest).free
     if need > free:
         if created:
-            shutil.rmtree(dest, ignore_errors=True)
+            remove_temp_dir(dest)
         raise DiskFullError(f"{dest}: {need} bytes to extract but only {free} free; nothing was extracted")
     return dest, keep, created
 
@@ -171,7 +172,7 @@ def verify_package(
             extract_members(arc, listed, dest)
         except BaseException as exc:
             if created:
-                shutil.rmtree(dest, ignore_errors=True)
+                remove_temp_dir(dest)
             if isinstance(exc, (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError)):
                 raise UsageError(f"{file}: corrupt package ({exc}); nothing kept") from exc
             raise
@@ -181,7 +182,7 @@ def verify_package(
         return result
     finally:
         if not keep:
-            shutil.rmtree(dest, ignore_errors=True)
+            remove_temp_dir(dest)
 
 
 def _after_extraction(file: Path, dest: Path, manifest: dict, subjects: dict[str, str] | None, result: dict,

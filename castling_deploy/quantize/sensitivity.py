@@ -8,7 +8,6 @@ method), so each trial costs one quantization pass and one evaluation, not a new
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 from ..budget import accuracy_goal_failures
 from ..budget import logit_metrics as verify_logit_metrics
 from ..errors import UsageError
+from ..output import run_temp_dir
 from .calibration import CalibrationSet
 from .recipe import QuantRecipe
 
@@ -87,7 +87,7 @@ def sensitivity_sweep(
     depth = _depth(fp32_onnx)
     block_kinds = tuple(k for k in recipe.int8_kinds if k not in ("patch_embed", "head"))
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="castling-sens-") as tmp:
+    with run_temp_dir("sens") as tmp:
         for b in range(depth):
             r = recipe.with_(int8_kinds=block_kinds, excluded_blocks=tuple(i for i in range(depth) if i != b))
             m = _evaluate(fp32_onnx, calib, r, eval_images, ref_logits, labels, Path(tmp), cache_dir, batch)
@@ -117,7 +117,7 @@ def auto_fallback(
     with all trials marked failed; the caller raises ToleranceError with the report."""
     fp32_onnx = Path(fp32_onnx)
     trials: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="castling-fallback-") as tmp:
+    with run_temp_dir("fallback") as tmp:
 
         def attempt(r: QuantRecipe) -> bool:
             m = _evaluate(fp32_onnx, calib, r, eval_images, ref_logits, labels, Path(tmp), cache_dir, batch)

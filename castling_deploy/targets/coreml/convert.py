@@ -23,6 +23,7 @@ import numpy as np
 
 from ...errors import UsageError
 from ...optional import import_optional
+from ...output import run_temp_dir
 from ...runtime.pixels import to_pixels
 
 MODES = ("fp32", "fp16", "w8", "w8a8")
@@ -199,7 +200,7 @@ def _quantize_activations_with_mil_ranges(
 
     from ...runtime.mil_interp import MILProgram
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with run_temp_dir("coreml") as tmp:
         p = Path(tmp) / "calib.mlpackage"
         mlmodel.save(str(p))
         prog = MILProgram(p)

@@ -5,9 +5,9 @@ our MIL reference interpreter (on macOS by Core ML's own predict). The FP32 conv
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
+from ...output import run_temp_dir
 from ..base import ExportSession, TargetOutcome
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def build(sess: ExportSession, work: Path) -> TargetOutcome:
                               mean=pp["mean"], std=pp["std"], labels=sess.ckpt.labels, metadata=sess.metadata,
                               input_type="image")
 
-    with tempfile.TemporaryDirectory(prefix="castling-coreml-fp32-") as tmp:
+    with run_temp_dir("coreml-fp32") as tmp:
         fp32 = Path(tmp) / "model_fp32.mlpackage"
         outcome.info["fp32"] = convert("fp32", fp32)
         outcome.stages.append(sess.verify("export", "Core ML fp32 (not shipped)", load_coreml_runner(fp32),

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ...fold import predict
-from ...output import register_cleanup
+from ...output import new_run_temp_dir
 from ...runtime.ort import OrtRunner
 from ...budget import StageResult
 from ..base import ExportSession, TargetOutcome
@@ -42,8 +41,7 @@ def export_float(sess: ExportSession, work: Path, outcome: TargetOutcome, name: 
         info = export_onnx(sess.folded, path, sess.img_size, in_chans=sess.folded.cfg.in_chans,
                            opset=sess.opts.opset, metadata=sess.metadata)
         stage = sess.verify("export", f"ONNX fp32 ({path.name})", OrtRunner(path), precision="fp32")
-        keep = Path(tempfile.mkdtemp(prefix="castling-float-onnx-")) / name
-        register_cleanup(keep.parent)
+        keep = new_run_temp_dir("float-onnx") / name  # removed by run_export when the run ends
         shutil.copy2(path, keep)
         sess.shared["float_onnx"] = (keep, info, stage)
     outcome.info["export"] = info
