@@ -159,8 +159,9 @@ def verify(file: PathLike, *, val: PathLike | None = None, limit: int | None = N
     ``val`` (labelled images), each model file's accuracy re-measured against *your* goals: within ``tolerance``
     points of the best fp32 artifact measured, above ``min_top1`` when given, and — only when signed by the
     trusted key — within ``tolerance`` of the accuracy recorded at export. The package's own tolerance is never
-    used. With ``devices`` (URIs), the model files run on each device instead (their fingerprints are in the
-    result). Raises ``ToleranceError`` (its ``.result`` holds the details) when the package fails."""
+    used. Every model file is also re-run on the package's reference inputs (seeded inputs stored at export with
+    each file's own logits), so a package is checked without a dataset too. With ``devices`` (URIs), the model
+    files run on each device instead (their fingerprints are in the result). Raises ``ToleranceError`` (its ``.result`` holds the details) when the package fails."""
     from .data import load_image_set
     from .errors import DataError
     from .output import interrupts_clean_up, remove_stale_temp_dirs
@@ -180,8 +181,6 @@ def verify(file: PathLike, *, val: PathLike | None = None, limit: int | None = N
     if not devices:
         with interrupts_clean_up():  # SIGINT/SIGTERM remove the extraction folder and exit 130
             return verify_package(Path(file), **kw)
-    if images is None:
-        raise UsageError("verify --device runs the package's models on the device: pass --val DIR (labelled images)")
     return _verify_on_devices(Path(file), list(devices), python, Path(ssh_config) if ssh_config else None, kw)
 
 

@@ -22,7 +22,8 @@ from .output import (ensure_writable_dir, interrupts_clean_up, remove_stale_temp
                      staged_dir)
 from .quiet import quiet_native_output
 from .report import Report
-from .targets.base import ExportOptions, ExportSession, TargetOutcome
+from .reference import REFERENCE_FILE, Reference, reference_inputs
+from .targets.base import ExportOptions, ExportSession, TargetOutcome, reference_key
 from .targets.registry import BASE_PACKAGES, TARGETS, get_target
 from .budget import FLOAT_ATOL, StageResult, check_stage, format_budget
 
@@ -120,7 +121,10 @@ def prepare_session(ckpt_path: Path, opts: ExportOptions) -> ExportSession:
     ref = predict(folded, val.images)
     folded = _migrate(folded, fold_report, opts, val, calib, ref)
     meta = artifact_metadata(ckpt, folded.cfg.to_dict())
-    return ExportSession(ckpt, opts, folded, fold_report, val, ref, calib, meta)
+    sess = ExportSession(ckpt, opts, folded, fold_report, val, ref, calib, meta)
+    sess.reference_inputs = reference_inputs(folded.cfg.img_size)
+    sess.reference_logits = predict(folded, sess.reference_inputs)
+    return sess
 
 
 def _note_earlier_fold(fold_report: FoldReport, earlier: dict[str, Any] | None) -> None:
@@ -215,6 +219,20 @@ def _add_outcome(report: Report, work: Path, outcome: TargetOutcome) -> None:
     report.quantization, report.target_info = outcome.quantization, outcome.info
 
 
+def _write_reference(sess: ExportSession, report: Report, work: Path, outcome: TargetOutcome) -> None:
+    """reference.npz: the session's seeded inputs, the folded logits and each verified model file's own logits."""
+    if sess.reference_inputs is None or sess.reference_logits is None:
+        return
+    stages = {s.stage: s for s in outcome.stages}
+    runs = {}
+    for a in outcome.artifacts:
+        stage = stages.get(a.verified_by or "")
+        if stage is not None and reference_key(stage) in sess.reference_runs:
+            runs[a.file] = sess.reference_runs[reference_key(stage)]
+    info = Reference(sess.reference_inputs, sess.reference_logits, runs).save(work / REFERENCE_FILE)
+    report.target_info["reference"] = info
+
+
 def build_target(sess: ExportSession, target: str) -> tuple[Path, Report]:
     """Build, verify and report one target; returns (folder, report). The folder appears only when complete."""
     build = get_target(target).load().build
@@ -226,6 +244,7 @@ def build_target(sess: ExportSession, target: str) -> tuple[Path, Report]:
         report = new_report(sess.ckpt, sess.opts, target, sess.fold_report, sess.val, sess.calib)
         _add_fold_stages(report, sess.fold_report)
         _add_outcome(report, work, outcome)
+        _write_reference(sess, report, work, outcome)
         if report.quantization is not None and sess.fold_report.migration is not None:
             report.quantization["channel_spread"] = sess.fold_report.migration.channel_spread
         report.seconds = round(time.perf_counter() - t0, 2)

@@ -218,6 +218,6 @@ def test_sigterm_during_a_second_target_removes_every_temp_folder(tmp_path: Path
     assert proc.returncode == 130, err.decode()[-500:]
     model_dir = out / "castling_nano_digits"
     assert sorted(p.name for p in model_dir.iterdir()) == ["onnx"]  # no staging folder
-    assert sorted(p.name for p in (model_dir / "onnx").iterdir()) == ["model.onnx", "report.json"]
+    assert sorted(p.name for p in (model_dir / "onnx").iterdir()) == ["model.onnx", "reference.npz", "report.json"]
     left = _ours(temp)
     assert left == []

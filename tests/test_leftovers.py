@@ -82,7 +82,7 @@ def test_what_a_sigkilled_export_left_is_removed_by_the_next_run(temp: Path, tmp
     assert again.returncode == 0, err.decode()[-800:]
     assert _ours(temp) == []  # the dead run's temp folders, and this run's own
     assert sorted(p.name for p in model_dir.iterdir()) == ["onnx"]  # no .partial-<dead pid>-* left beside it
-    assert sorted(p.name for p in (model_dir / "onnx").iterdir()) == ["model.onnx", "report.json"]
+    assert sorted(p.name for p in (model_dir / "onnx").iterdir()) == ["model.onnx", "reference.npz", "report.json"]
 
 
 def test_verify_and_profile_sweep_the_temp_folder_too(runner, temp: Path, tmp_path: Path) -> None:

@@ -144,3 +144,45 @@ def format_rows(rows: list[dict], trusted: bool) -> list[str]:
         lines.append(f"  {r['file']:<40} top-1 {r['measured_top1']:.2f}% (recorded {rec}"
                      f"{'' if trusted else ', not trusted'}; drop {vs})  {r['status']}")
     return lines
+
+
+def rerun_reference(dest: Path, manifest: dict, *, logits_fn: LogitsFn | None = None,
+                    batch: int = 32) -> tuple[list[dict], list[str]]:
+    """Every model file re-run on its folder's reference.npz (castling_deploy/reference.py): the file must give its
+    export-time logits back (and float files the folded model's, within atol). Returns (rows, failures); no rows
+    when the package carries no reference inputs (exported before they existed)."""
+    from ..devices import DeviceRuntimeMissing, DeviceUsageError
+    from ..reference import REFERENCE_FILE, check_against_reference, load_reference
+
+    logits_fn = logits_fn or local_logits(batch)
+    precision = {a["file"]: a.get("precision", "?") for t in manifest["targets"] for a in t.get("artifacts") or []}
+    refs: dict[str, Any] = {}
+    rows: list[dict] = []
+    for name in model_files(manifest["files"]):
+        folder = name.split("/", 1)[0] if "/" in name else ""
+        ref_name = f"{folder}/{REFERENCE_FILE}" if folder else REFERENCE_FILE
+        if ref_name not in manifest["files"]:
+            continue
+        if ref_name not in refs:
+            refs[ref_name] = load_reference(resolve_inside(dest, ref_name, "reference inputs"))
+        ref = refs[ref_name]
+        try:
+            logits, runtime = logits_fn(resolve_inside(dest, name, "artifact"), ref.inputs)
+        except (MissingDependencyError, DeviceRuntimeMissing, DeviceUsageError) as exc:
+            rows.append({"file": name, "status": "skipped", "reason": str(exc)})
+            continue
+        rows.append({**check_against_reference(ref, name, precision.get(name, "?"), logits), "runtime": runtime})
+    failures = [f"{r['file']}: {f} (reference inputs)" for r in rows for f in r.get("failures", [])]
+    return rows, failures
+
+
+def format_reference_rows(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in rows:
+        if r["status"] == "skipped":
+            lines.append(f"  {r['file']:<40} skipped: {r['reason']}")
+            continue
+        cos = f"cosine {r['min_cosine_vs_export']:.6f} vs export" if "min_cosine_vs_export" in r else "no export logits"
+        lines.append(f"  {r['file']:<40} {cos}, max|Δ| {r['max_abs_vs_folded']:.2e} vs folded  {r['status']}"
+                     + (": " + "; ".join(r["failures"]) if r["failures"] else ""))
+    return lines

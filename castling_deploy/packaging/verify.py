@@ -24,7 +24,8 @@ import numpy as np
 from ..budget import DEFAULT_TOLERANCE_POINTS
 from ..errors import DiskFullError, ToleranceError, UsageError
 from ..output import new_run_temp_dir, remove_temp_dir
-from .accuracy import LogitsFn, check_artifact_entries, format_rows, rerun_accuracy
+from .accuracy import (LogitsFn, check_artifact_entries, format_reference_rows, format_rows, rerun_accuracy,
+                       rerun_reference)
 from .archive import (
     MAX_MANIFEST_BYTES,
     MAX_MEMBER_BYTES,
@@ -218,8 +219,15 @@ def _after_extraction(file: Path, dest: Path, manifest: dict, subjects: dict[str
             result["notes"].append(UNTRUSTED_NOTE.format(why=why))
         if not any("measured_top1" in r for r in rows):
             result["notes"].append("no model file in the package could be run here; accuracy was not measured")
-        if failures:
-            raise _fail(file, result, failures)
+    else:
+        failures = []
+    ref_rows, ref_failures = rerun_reference(dest, manifest, logits_fn=logits_fn, batch=batch)
+    result["reference"] = ref_rows
+    if not ref_rows and val_images is None:
+        result["notes"].append("the package carries no reference inputs (exported by an older version) and no --val "
+                               "was given: only hashes were checked; pass --val DIR to re-measure accuracy")
+    if failures or ref_failures:
+        raise _fail(file, result, failures + ref_failures)
     result.update(passed=True, status="passed", failures=[])
 
 
@@ -238,6 +246,9 @@ def format_verify_result(result: dict) -> str:
     if integ:
         lines.append(f"  files: {integ.get('checked', 0)} checked, {len(integ.get('missing', []))} missing, "
                      f"{len(integ.get('extra', []))} extra, {len(integ.get('mismatched', []))} mismatched")
+    if result.get("reference"):
+        lines.append("  reference inputs (seeded, stored at export): each file vs its own export-time logits")
+        lines += format_reference_rows(result["reference"])
     if result.get("accuracy") is not None:
         mt = goals.get("min_top1")
         lines.append(f"  goals (the verifier's): tolerance {goals.get('tolerance_points')} points"

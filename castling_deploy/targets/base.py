@@ -81,6 +81,11 @@ class ExportSession:
     calib: ImageSet | None
     metadata: dict[str, str]
     shared: dict[str, Any] = field(default_factory=dict)
+    # Seeded reference inputs (castling_deploy/reference.py), the folded model's logits on them, and each
+    # verified runner's logits on them, keyed by ``reference_key(stage)`` (written per target as reference.npz).
+    reference_inputs: np.ndarray | None = None
+    reference_logits: np.ndarray | None = None
+    reference_runs: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def model_name(self) -> str:
@@ -99,12 +104,19 @@ class ExportSession:
                              tolerance_points=self.opts.tolerance if tolerance is None else tolerance,
                              atol=FLOAT_ATOL.get(precision))
         result.metrics["seconds"] = round(time.perf_counter() - t0, 3)
+        if self.reference_inputs is not None:
+            self.reference_runs[reference_key(result)] = run_batched(runner, self.reference_inputs)
         return result
 
     def require_calib(self) -> ImageSet:
         if self.calib is None:
             raise UsageError("INT8 needs calibration images: pass --calib DIR (a folder of images or an .npz)")
         return self.calib
+
+
+def reference_key(stage: StageResult) -> str:
+    """Which verify call a stage came from (a stage shared by two targets keeps its key)."""
+    return f"{stage.stage}|{stage.candidate}"
 
 
 @dataclass

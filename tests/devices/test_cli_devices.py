@@ -86,6 +86,19 @@ def test_verify_package_on_the_device(runner, sshd, demo_export: Path, tmp_path:
     assert "ssh://loopback" in measured["onnx/model.onnx"]["runtime"]
 
 
+def test_verify_on_the_device_without_a_dataset(runner, sshd, demo_export: Path, tmp_path: Path) -> None:
+    """No --val: the package's reference inputs run on the device and each file must give back its export-time
+    logits."""
+    pkg = _package(demo_export, tmp_path / "ok.zip")
+    r = invoke(runner, "verify", pkg, "--device", "ssh://loopback", "--ssh-config", sshd.config,
+               "--device-python", sys.executable, "--json")
+    assert r.exit_code == 0, r.stderr
+    (dev,) = json.loads(r.stdout)["devices"]
+    (row,) = dev["reference"]
+    assert row["file"] == "onnx/model.onnx" and row["status"] == "passed" and "ssh://loopback" in row["runtime"]
+    assert row["min_cosine_vs_export"] > 0.9999 and row["max_abs_vs_folded"] < 1e-4 and dev["accuracy"] is None
+
+
 def test_tampered_model_fails_on_the_device(runner, sshd, demo_export: Path, tmp_path: Path) -> None:
     """A package whose model was replaced (hashes rewritten to match) and a trusted signer: the device run is
     what catches it — the fp32 model is compared with the accuracy recorded at export, exit 3."""
