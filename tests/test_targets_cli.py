@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import COREML_VAL_LIMIT, DIGITS_VAL, invoke
+from .conftest import COREML_VAL_LIMIT, DIGITS_TRAIN, DIGITS_VAL, DemoExport, invoke, make_nano_ckpt, run_demo_export
 from .recheck import copy_artifact, perturb, recheck_folder
 
 # kind -> (session fixture with the good demo export, target folder, files it must hold at least)
@@ -35,12 +35,28 @@ INT8_SQNR_FLOOR_DB = {"model.int8.onnx": 30.0, "model.int8.tflite": 30.0, "model
                       "model.full_integer.tflite": 22.0}
 
 
+# The demo's full-integer export takes ~1-2 min of CPU (two conversions, 512-image calibration): it runs in the slow
+# suite; the fast one re-checks the same path on a one-block model (tiny_tflite_full_integer, ~15 s).
+SLOW_KINDS = {"tflite-full-integer"}
+
+
 def _export_of(request, kind: str):
     fixture, target, files = KINDS[kind]
     return request.getfixturevalue(fixture), target, files
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.fixture(scope="module")
+def tiny_tflite_full_integer(tmp_path_factory: pytest.TempPathFactory) -> DemoExport:
+    """`--int8 --full-integer --io-dtype int8` on a one-block castling_nano (random weights, lossless fold), 16
+    calibration and 16 val images. --tolerance 100: the accuracy goal is the demo's (slow suite) to meet."""
+    out = tmp_path_factory.mktemp("tiny-tflite-fi")
+    ckpt = make_nano_ckpt(out / "castling_nano_digits.pt", threshold=1.0, depth=1)  # the demo's folder name
+    return run_demo_export(out / "out", ckpt, "--target", "tflite", "--int8", "--full-integer", "--io-dtype",
+                           "int8", "--calib", DIGITS_TRAIN, "--calib-size", 16, "--val", DIGITS_VAL, "--limit", 16,
+                           "--tolerance", 100)
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW_KINDS else k for k in KINDS])
 def test_every_claim_rechecked_independently(request, kind: str) -> None:
     exp, target, files = _export_of(request, kind)
     folder = exp.folder(target)
@@ -50,7 +66,8 @@ def test_every_claim_rechecked_independently(request, kind: str) -> None:
     assert printed == report  # the printed --json document is the report.json on disk, field for field
     listed = {a["file"] for a in report["artifacts"]}
     assert files <= listed, (files, listed)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(listed | {"report.json"})  # nothing unlisted shipped
+    # nothing unlisted shipped (reference.npz: the seeded inputs and logits `verify` re-runs, castling_deploy/reference.py)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(listed | {"report.json", "reference.npz"})
     measured = recheck_folder(folder, report)
     assert report["status"] == "passed" and report["failures"] == []
     for name, m in measured.items():
@@ -72,8 +89,21 @@ def test_tflite_census_and_metadata_read_from_the_files(demo_tflite) -> None:
     assert "int8" in meta["output"]  # the hybrid model's int8 logits are declared in the file
 
 
-def test_tflite_full_integer_has_no_float_tensor(demo_tflite_full_integer) -> None:
-    c = demo_tflite_full_integer.report("tflite")["quantization"]["census"]
+def test_tiny_full_integer_rechecked_independently(tiny_tflite_full_integer) -> None:
+    """The fast suite's full-integer path: the report's every number comes out again from the files themselves."""
+    folder, report = tiny_tflite_full_integer.folder("tflite"), tiny_tflite_full_integer.report("tflite")
+    listed = {a["file"] for a in report["artifacts"]}
+    assert listed == {"model.tflite", "model.full_integer.tflite"}
+    assert sorted(p.name for p in folder.iterdir()) == sorted(listed | {"report.json", "reference.npz"})
+    measured = recheck_folder(folder, report)
+    assert report["status"] == "passed" and set(measured) == listed
+    assert report["quantization"]["error_trace"]["tensors"]  # the per-tensor trace ran
+
+
+@pytest.mark.parametrize("fixture", ["tiny_tflite_full_integer",
+                                     pytest.param("demo_tflite_full_integer", marks=pytest.mark.slow)])
+def test_tflite_full_integer_has_no_float_tensor(request, fixture: str) -> None:
+    c = request.getfixturevalue(fixture).report("tflite")["quantization"]["census"]
     assert c["float_activation_tensors_excluding_io"] == 0
     assert c["io_dtypes"] == {"inputs": ["int8"], "outputs": ["int8"]}
     assert c["tensor_dtypes"].get("float32", 0) == 0
@@ -169,7 +199,11 @@ def _break_on_write(monkeypatch: pytest.MonkeyPatch, broken: str, good: Path | N
     monkeypatch.setattr(coreml_convert, "convert_coreml", copied(coreml_convert.convert_coreml))
 
 
-@pytest.mark.parametrize("path,args,fixture", BROKEN, ids=[b[0] for b in BROKEN])
+SLOW_BROKEN = {"tflite/model.full_integer.tflite"}  # copies the demo's full-integer export (see SLOW_KINDS)
+
+
+@pytest.mark.parametrize("path,args,fixture", [pytest.param(*b, id=b[0], marks=pytest.mark.slow if b[0] in SLOW_BROKEN
+                                                            else ()) for b in BROKEN])
 def test_broken_artifact_fails_its_own_stage_with_exit_3(request, runner, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch, path: str,
                                                          args: tuple[str, ...], fixture: str | None) -> None:

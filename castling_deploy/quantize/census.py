@@ -1,8 +1,9 @@
 """What a (QDQ) ONNX artifact really runs in int8, read from the file itself — not from the recipe that made it.
 
 A compute node (Conv/MatMul/Gemm) counts as int8 when both its data inputs come from DequantizeLinear of an
-8-bit tensor: ONNX Runtime and TensorRT then fuse the pattern into an integer kernel. MACs come from ONNX shape
-inference with symbolic dims (the batch) taken as 1.
+8-bit tensor: ONNX Runtime and TensorRT then fuse the pattern into an integer kernel. MACs are for batch 1: the
+graph inputs' symbolic batch dim is bound to 1 and ONNX shape inference re-run, so dims derived from it (an exporter
+flattening batch x tokens before each Gemm) come out concrete too; any dim still symbolic is taken as 1.
 """
 from __future__ import annotations
 
@@ -43,16 +44,44 @@ def _macs(node, shapes: dict[str, list[int]], inits: dict[str, Any]) -> int:
     return int(np.prod(out, dtype=np.int64) * k)
 
 
+def _bind_batch_to_1(model: "onnx.ModelProto") -> bool:  # noqa: F821
+    """Set each graph input's symbolic leading (batch) dim to 1, in place; True if any was symbolic."""
+    bound = False
+    for vi in model.graph.input:
+        shape = vi.type.tensor_type.shape if vi.type.HasField("tensor_type") else None
+        if shape is None or not shape.dim or shape.dim[0].HasField("dim_value"):
+            continue
+        shape.dim[0].Clear()
+        shape.dim[0].dim_value = 1
+        bound = True
+    return bound
+
+
+def _infer_shapes_at_batch_1(model: "onnx.ModelProto") -> "onnx.ModelProto":  # noqa: F821
+    """Shape inference with the batch bound to 1 on ``model`` (loaded for the census only, so edited in place).
+
+    The stale value_info is dropped first: it holds the exporter's symbolic dims (``unk__3`` for batch x tokens),
+    which inference would otherwise keep. If inference fails, the model comes back with that value_info restored
+    (MACs then read 0 or take symbolic dims as 1) — the census still reports precisions without them."""
+    import onnx
+
+    stale = list(model.graph.value_info)
+    if _bind_batch_to_1(model):
+        del model.graph.value_info[:]
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # census still works without MACs
+        if not model.graph.value_info:
+            model.graph.value_info.extend(stale)
+        return model
+
+
 def onnx_census(path: str | Path) -> dict[str, Any]:
     """Op histogram, int8 vs float compute nodes (count and MACs), initializer dtypes, zero-point symmetry."""
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
-    try:
-        model = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # census still works without MACs
-        pass
+    model = _infer_shapes_at_batch_1(onnx.load(str(path)))
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
