@@ -98,7 +98,9 @@ def main() -> None:
         variants = build_variants(model, size, calib, Path(t))
         runners = {k: OrtRunner(p, threads=1) for k, p in variants.items()}
         x1 = images[:1]
-        times = time_interleaved([(lambda r=r: r.run(x1)) for r in runners.values()], args.runs, args.warmup)
+        # rounds=runs: one call of each variant per round, so load drift on a shared host hits every row alike
+        times = time_interleaved([(lambda r=r: r.run(x1)) for r in runners.values()], args.runs, args.warmup,
+                                 rounds=args.runs)
         rows = []
         for (name, path), ts in zip(variants.items(), times):
             census = onnx_census(path) if "INT8" in name or "quantize_static" in name else None
