@@ -146,6 +146,24 @@ MUTANTS = [
            [("castling_deploy/models/vit.py", 'mode="bicubic", align_corners=False, antialias=True',
              'mode="bilinear", align_corners=False, antialias=True')],
            ["tests/test_checkpoint.py::test_pos_embed_resampled_for_new_resolution"]),
+    # ---- verification without a dataset, engines on devices ------------------------------------------------
+    Mutant("reference-cosine-inverted", "a file that no longer gives its export-time logits passes the reference check",
+           [("castling_deploy/reference.py", "if not m[\"min_sample_cosine\"] >= MIN_COSINE:",
+             "if m[\"min_sample_cosine\"] >= MIN_COSINE:")],
+           ["tests/test_reference.py"]),
+    Mutant("reference-runs-not-recorded", "the export stops recording each file's own logits in reference.npz",
+           [("castling_deploy/pipeline.py", "runs[a.file] = sess.reference_runs[reference_key(stage)]", "pass")],
+           ["tests/test_reference.py"]),
+    Mutant("engine-tensorrt-version-ignored", "an engine built by another TensorRT version is not refused",
+           [("castling_deploy/devices/engine_compat.py",
+             "if version_key(built) and version_key(have) and version_key(built) != version_key(have):",
+             "if False:")],
+           ["tests/devices/test_build_engine_remote.py"]),
+    Mutant("engine-build-writes-before-verify", "a device build writes the engine into the export before --val ran",
+           [("castling_deploy/targets/tensorrt/remote_build.py",
+             "        engine = tmp / ENGINE_NAME\n",
+             "        engine = tmp / ENGINE_NAME\n        atomic_write_bytes(folder / ENGINE_NAME, engine.read_bytes())\n")],
+           ["tests/devices/test_build_engine_remote.py"]),
 ]
 
 
