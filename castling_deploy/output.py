@@ -135,6 +135,31 @@ def run_temp_dir(what: str) -> Iterator[Path]:
         remove_temp_dir(path)
 
 
+@contextlib.contextmanager
+def command_temp_root() -> Iterator[Path | None]:
+    """For one CLI command: sweep the leftovers of dead runs, then point ``tempfile`` and ``$TMPDIR`` (which the
+    converters and runtimes we call read: coremltools, ONNX Runtime's quantizer, torch.export, subprocesses) at a
+    folder ``castling-run-<pid>-XXXXXXXX``, so their temp files go with it on exit, on SIGINT/SIGTERM, and after a
+    SIGKILL at the next run's sweep. If no such folder can be made, the command runs with the temp dir as it was."""
+    remove_stale_temp_dirs()
+    try:
+        root = new_run_temp_dir("run")
+    except OSError:
+        yield None
+        return
+    saved_dir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = str(root)
+    try:
+        yield root
+    finally:
+        tempfile.tempdir = saved_dir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        remove_temp_dir(root)
+
+
 # Paths to remove if the process is interrupted: staging folders and run-scoped temporary folders.
 _CLEANUP: set[Path] = set()
 # Where the interrupt message goes while fd 2 is redirected (quiet.py sets it during a build).

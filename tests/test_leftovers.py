@@ -30,7 +30,22 @@ def _dead_pid() -> int:
 
 
 def _ours(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(("castling-", ".partial-")))
+    """Our temp/staging folders in ``folder`` and one level down: a CLI command keeps every temp file of its run,
+    ours and the libraries', inside its own castling-run-<pid>-* folder."""
+    found = []
+    for top in _entries(folder):
+        if top.name.startswith(("castling-", ".partial-")):
+            found.append(top.name)
+            if top.name.startswith("castling-run-"):
+                found += [p.name for p in _entries(top) if p.name.startswith(("castling-", ".partial-"))]
+    return sorted(found)
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:  # vanished while a run cleans up
+        return []
 
 
 def _start_export(temp: Path, out: Path, *args: str) -> subprocess.Popen:
@@ -188,6 +203,29 @@ def test_run_temp_dir_is_named_registered_and_removed(temp: Path) -> None:
     assert not tmp.exists() and tmp not in output._CLEANUP
     with pytest.raises(ValueError):
         output.new_run_temp_dir("../x")
+
+
+def test_a_command_keeps_library_temp_files_in_its_own_root(runner, temp: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A converter's own tempfile.mkdtemp() / $TMPDIR files (coremltools, ORT's quantizer) land in the command's
+    castling-run-<pid>-* folder and go with it, also when the command fails; $TMPDIR is restored afterwards."""
+    import castling_deploy.api as api
+
+    made: list[Path] = []
+
+    def library_like(*a: object, **kw: object) -> None:
+        made.append(Path(tempfile.mkdtemp()))  # what a library does, with no name of ours
+        (made[-1] / "weights.bin").write_bytes(b"x" * 1000)
+        made.append(Path(os.environ["TMPDIR"]))
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(api, "export", library_like)
+    r = invoke(runner, "export", "-o", tmp_path / "out")
+    assert r.exit_code == 2 and "stop here" in r.stderr
+    lib_dir, env_dir = made
+    assert lib_dir.parent == env_dir and env_dir.parent == temp and env_dir.name.startswith(f"castling-run-{os.getpid()}-")
+    assert not env_dir.exists() and os.listdir(temp) == [] and os.environ["TMPDIR"] == str(temp)
+    assert tempfile.gettempdir() == str(temp)
 
 
 # ---- (c) a failed export leaves no empty OUT/<model> ------------------------------------------------------------

@@ -48,8 +48,11 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ..output import command_temp_root
+
         try:
-            return func(*args, **kwargs)
+            with command_temp_root():  # every temp file of the command, ours or a library's, lives and dies here
+                return func(*args, **kwargs)
         except CastlingError as exc:
             if os.environ.get("CASTLING_DEBUG"):
                 raise
