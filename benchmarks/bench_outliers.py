@@ -8,7 +8,8 @@ with the migration the export pipeline applies by default (quantize/migrate.py, 
 
 INT8 paths (each converts the same float model the pipeline would hand it):
   tensorrt   TensorRT recipe QDQ (8-bit weights), ONNX Runtime with graph optimizations off = exact QDQ semantics
-  onnx       ORT recipe QDQ (7-bit weights), ONNX Runtime's own int8 CPU kernels (what the onnx target verifies)
+  onnx       ORT recipe QDQ (8-bit weights since --weight-bits; results/outliers.md was measured with the former
+             7-bit default), on the graph as exported, ONNX Runtime's own int8 CPU kernels
   tflite     LiteRT hybrid int8 (litert-torch PT2E)            tflite_fi  LiteRT full-integer (ai-edge-quantizer)
   coreml     Core ML W8A8 (coremltools), run by the MIL reference interpreter (slow: few eval inputs)
 

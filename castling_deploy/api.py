@@ -78,6 +78,11 @@ def _check_export_options(o: Any) -> None:
     from .targets.registry import check_target_options
 
     check_target_options(o.targets, o.target_options, o.int8)
+    bits = o.target_options.get("weight_bits")
+    if bits is not None:
+        if str(bits) not in ("7", "8"):
+            raise UsageError(f"--weight-bits {bits}: choose 8 (int8 dot-product CPUs) or 7 (x86 AVX2 without VNNI)")
+        o.target_options["weight_bits"] = int(bits)
     check_tolerance(o.tolerance)
     if o.val_limit is not None and o.val_limit < 1:
         raise UsageError(f"--limit {o.val_limit}: must be >= 1")
@@ -102,7 +107,7 @@ def export(ckpt: PathLike, *, targets: Iterable[str] = ("onnx",), int8: bool = F
 
     Other keyword options: ``arch, imgsz, opset, force, calib_size, calib_method, auto_fallback, sensitivity,
     limit (val images), seed, verbose, migrate (default True; False = --no-migrate), accept_accuracy_only`` and each target's own options (``full_integer``, ``io_dtype`` for
-    tflite; ``weights_only`` for coreml — see ``castling_deploy.targets.registry.TARGETS``)."""
+    tflite; ``weights_only`` for coreml; ``weight_bits`` (7 or 8) for onnx — see ``castling_deploy.targets.registry.TARGETS``)."""
     from .pipeline import run_export
     from .targets.base import ExportOptions
     from .targets.registry import TARGETS, all_option_defaults

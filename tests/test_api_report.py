@@ -98,8 +98,18 @@ def test_target_options_are_checked_generically() -> None:
         check_target_options(["coreml"], {"weights_only": True}, int8=False)
     with pytest.raises(UsageError, match="--io-dtype applies only with --full-integer"):
         check_target_options(["tflite"], {"io_dtype": "int8"}, int8=True)
+    check_target_options(["onnx"], {"weight_bits": 7}, int8=True)  # valid
+    with pytest.raises(UsageError, match="--weight-bits applies only to --target onnx"):
+        check_target_options(["tensorrt"], {"weight_bits": 8}, int8=True)
+    with pytest.raises(UsageError, match="--weight-bits needs --int8"):
+        check_target_options(["onnx"], {"weight_bits": 7}, int8=False)
     every = {o.name for s in TARGETS.values() for o in s.options}
-    assert every == {"full_integer", "io_dtype", "weights_only", "quantizer"}
+    assert every == {"full_integer", "io_dtype", "weights_only", "quantizer", "weight_bits"}
+
+
+def test_api_rejects_a_weight_bits_other_than_7_or_8() -> None:
+    with pytest.raises(UsageError, match="--weight-bits 6"):
+        cd.export(DEMO_CKPT, int8=True, weight_bits=6)
 
 
 def test_api_rejects_unknown_options_and_targets() -> None:

@@ -30,6 +30,66 @@ def test_demo_int8_onnx_within_tolerance_with_census(demo_onnx_trt) -> None:
     assert report["quantization"]["calibration"]["images"] == 512
 
 
+def test_onnx_int8_weight_bits_isa_and_fused_graph_recorded(demo_onnx_trt) -> None:
+    """8-bit weights unless --weight-bits 7, with the ISA assumption and the export host's ISA in the report; the
+    onnx target quantizes ORT's fused float graph (com.microsoft Gelu, ORT-only), TensorRT's stays standard ONNX."""
+    import onnx
+
+    from castling_deploy.targets.onnx.target import cpu_isa
+
+    quant = demo_onnx_trt.report("onnx")["quantization"]
+    assert quant["recipe"]["reduce_range"] is False and quant["recipe"]["weights"].startswith("int8 (8-bit)")
+    assert "VNNI" in quant["recipe"]["weights"] and "--weight-bits 7" in quant["recipe"]["weights"]
+    assert quant["weight_bits"]["bits"] == 8 and quant["weight_bits"]["chosen_by"] == "default"
+    assert quant["weight_bits"]["export_host_isa"] == cpu_isa()
+    assert quant["float_graph"]["ort_fused"] and quant["float_graph"]["fused_ops"] == {"Gelu": 4}
+    assert quant["census"]["domains"] == ["ai.onnx", "com.microsoft"] and quant["census"]["op_types"]["Gelu"] == 4
+    float_domains = {n.domain for n in onnx.load(str(demo_onnx_trt.folder("onnx") / "model.onnx")).graph.node}
+    assert float_domains <= {"", "ai.onnx"}
+    trt = demo_onnx_trt.report("tensorrt")["quantization"]
+    assert trt["census"]["domains"] == ["ai.onnx"] and "weight_bits" not in trt and "float_graph" not in trt
+    assert trt["recipe"]["reduce_range"] is False
+
+
+def test_weight_bits_default_warns_on_a_host_without_int8_dot_products(monkeypatch, caplog) -> None:
+    import castling_deploy.targets.onnx.target as onnx_target
+
+    monkeypatch.setattr(onnx_target, "cpu_isa", lambda: "avx2")
+    with caplog.at_level("WARNING", logger=onnx_target.__name__):
+        bits, info = onnx_target.weight_bits(None)
+    assert bits == 8 and info["export_host_int8_dot_product"] is False and "--weight-bits 7" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=onnx_target.__name__):
+        bits, info = onnx_target.weight_bits(7)  # chosen: no warning
+    assert bits == 7 and info["chosen_by"] == "--weight-bits" and "AVX2" in info["assumes"] and not caplog.text
+    monkeypatch.setattr(onnx_target, "cpu_isa", lambda: "avx2 avx512f avx512_vnni")
+    with caplog.at_level("WARNING", logger=onnx_target.__name__):
+        assert onnx_target.weight_bits(None)[1]["export_host_int8_dot_product"] is True
+    assert not caplog.text
+    assert onnx_target.int8_dot_product("aarch64 asimddp") and onnx_target.int8_dot_product("x86_64") is None
+
+
+def test_weight_bits_7_reaches_the_artifact(runner, tmp_path: Path) -> None:
+    """--weight-bits 7 (x86 AVX2 without VNNI): the int8 weights in the file itself use the 7-bit range."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    r = invoke(runner, "export", "--target", "onnx", "--int8", "--weight-bits", "7", "--calib-size", 64, "--limit",
+               64, "--tolerance", 100, "-o", tmp_path / "out", "--json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)["reports"][0]
+    q = report["quantization"]
+    assert q["recipe"]["reduce_range"] is True and q["weight_bits"] | {"assumes": ""} == {
+        "bits": 7, "chosen_by": "--weight-bits", "assumes": "", "export_host_isa": q["weight_bits"]["export_host_isa"],
+        "export_host_int8_dot_product": q["weight_bits"]["export_host_int8_dot_product"]}
+    assert report["options"]["weight_bits"] == 7
+    model = onnx.load(str(Path(report["folder"]) / "model.int8.onnx"))
+    w8 = [numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    weights = [w for w in w8 if w.size > 1]  # zero points are scalars
+    assert weights and max(int(np.abs(w).max()) for w in weights) <= 64
+
+
 def test_demo_census_macs_match_an_independent_count(demo_onnx_trt) -> None:
     """The exported demo flattens (batch x tokens) into one symbolic dim before each Gemm: the census binds the
     batch to 1 before shape inference, so those Gemms are counted at 17 tokens, not 1 (was 506,752 MACs, 92.3%)."""

@@ -2,7 +2,8 @@
 
 Two executors: exact QDQ semantics (ONNX Runtime with graph optimizations off: every Q/DQ computed as written,
 which is what TensorRT's explicit-quantization engines implement) and ORT's own int8 CPU kernels (which on
-AVX2-without-VNNI CPUs saturate u8*s8 pairs; that is why the ORT recipe uses 7-bit weights)."""
+AVX2-without-VNNI CPUs saturate u8*s8 pairs with 8-bit weights; that is what the onnx target's --weight-bits 7 is
+for)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,10 +56,24 @@ def test_tensorrt_qdq_reaches_cosine_0999_under_exact_qdq_semantics(deit) -> Non
 
 
 def test_ort_recipe_on_ort_int8_kernels(deit) -> None:
+    """What the onnx target ships: the ORT-fused float graph quantized with 8-bit weights, or with 7-bit weights
+    where this host's int8 kernels lack dot products (the --weight-bits 7 a user of such a CPU is told to pick)."""
+    from castling_deploy.quantize.optimize import ort_fuse
+    from castling_deploy.targets.onnx.target import int8_dot_product
+
     d, calib, evals, ref = deit
+    seven = int8_dot_product() is False
+    info = ort_fuse(d / "fp32.onnx", d / "fused.onnx")
+    assert info["fused_ops"] == {"Gelu": 12}
     out = d / "ort.onnx"
-    quantize_onnx(d / "fp32.onnx", out, calib, QuantRecipe.for_target("onnx"), cache_dir=d / "cache")
+    q = quantize_onnx(d / "fused.onnx", out, calib, QuantRecipe.for_target("onnx", reduce_range=seven),
+                      cache_dir=d / "cache")
+    assert q["census"]["int8_mac_fraction"] > 0.99 and q["census"]["domains"] == ["ai.onnx", "com.microsoft"]
     m = logit_metrics(ref, _run(out, evals, exact=False))
-    # Measured 0.99849 overall / 0.9975 per-sample min, 25.2 dB: the 7-bit weights this CPU's kernels need cost
-    # ~2.7 dB against the 8-bit TensorRT recipe above.
-    assert m["cosine"] >= 0.998 and m["min_sample_cosine"] >= 0.997 and m["sqnr_db"] >= 24.5
+    if seven:
+        # Measured (7-bit w, fused graph, on AVX-512 VNNI) 0.99848 overall / 0.99737 per-sample min, 25.17 dB.
+        assert m["cosine"] >= 0.998 and m["min_sample_cosine"] >= 0.997 and m["sqnr_db"] >= 24.5
+    else:
+        # Measured on AVX-512 VNNI: 0.99919 overall / 0.99841 per-sample min, 27.88 dB (exact QDQ semantics 27.99);
+        # the same with minmax ranges 0.99873 / 0.99781 / 25.94 dB: each floor sits between the two.
+        assert m["cosine"] >= 0.999 and m["min_sample_cosine"] >= 0.998 and m["sqnr_db"] >= 26.9

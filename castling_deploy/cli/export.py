@@ -23,8 +23,10 @@ TARGET_HELP = {
     "weights_only": "Core ML --int8 with int8 weights only (W8) instead of W8A8.",
     "quantizer": "TensorRT --int8 QDQ placement: ort (QuantRecipe on ONNX Runtime, measured better) or modelopt "
                  "(NVIDIA ModelOpt; pip install 'castling-deploy[modelopt]').",
+    "weight_bits": "ONNX --int8 weight range: 8 (default; x86 with AVX-512 VNNI / AVX-VNNI, ARM with dot product) or "
+                   "7 (x86 AVX2 without VNNI, whose ONNX Runtime int8 kernels can saturate with 8-bit weights).",
 }
-OPTION_CHOICES = {"io_dtype": ["float32", "int8"], "quantizer": ["ort", "modelopt"]}
+OPTION_CHOICES = {"io_dtype": ["float32", "int8"], "quantizer": ["ort", "modelopt"], "weight_bits": ["7", "8"]}
 
 
 def target_options(func: Callable[..., Any]) -> Callable[..., Any]:

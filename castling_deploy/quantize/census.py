@@ -16,6 +16,8 @@ import numpy as np
 from .graph import COMPUTE_OPS, GraphStructureError, classify_nodes
 
 _8BIT = {2: "uint8", 3: "int8"}  # onnx.TensorProto.UINT8 / INT8
+# com.microsoft ops whose one output has its one input's shape and type (ORT's transformer fusions make Gelu).
+_ELEMENTWISE_CONTRIB = ("Gelu", "FastGelu")
 
 
 def _dims(vi: "onnx.ValueInfoProto") -> list[int] | None:  # noqa: F821
@@ -68,12 +70,24 @@ def _infer_shapes_at_batch_1(model: "onnx.ModelProto") -> "onnx.ModelProto":  # 
     stale = list(model.graph.value_info)
     if _bind_batch_to_1(model):
         del model.graph.value_info[:]
+    # ONNX's inference does not know ONNX Runtime's contrib ops and leaves everything after them unshaped (the
+    # onnx target's INT8 model holds com.microsoft Gelu from ORT's fusions), so while inferring, the elementwise
+    # ones are spelled as a standard elementwise op with the same output shape and type.
+    swapped = [(i, n.op_type, n.domain) for i, n in enumerate(model.graph.node)
+               if n.domain == "com.microsoft" and n.op_type in _ELEMENTWISE_CONTRIB and len(n.input) == 1
+               and not n.attribute]
+    for i, _, _ in swapped:
+        model.graph.node[i].op_type, model.graph.node[i].domain = "Relu", ""
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # census still works without MACs
+        inferred = model
         if not model.graph.value_info:
             model.graph.value_info.extend(stale)
-        return model
+    for m in {id(model): model, id(inferred): inferred}.values():
+        for i, op_type, domain in swapped:
+            m.graph.node[i].op_type, m.graph.node[i].domain = op_type, domain
+    return inferred
 
 
 def onnx_census(path: str | Path) -> dict[str, Any]:

@@ -67,7 +67,9 @@ def _executorch() -> ModuleType:
 
 TARGETS: dict[str, TargetSpec] = {
     "onnx": TargetSpec("onnx", "ONNX fp32 and INT8 QDQ for ONNX Runtime", _onnx,
-                       packages=("onnx", "onnxruntime", "onnxsim"), suffixes=(".onnx",)),
+                       packages=("onnx", "onnxruntime", "onnxsim"), suffixes=(".onnx",),
+                       # None = not chosen: 8-bit weights, with a warning when the export host lacks VNNI/dotprod.
+                       options=(TargetOption("weight_bits", "--weight-bits", None, needs_int8=True),)),
     "tensorrt": TargetSpec("tensorrt", "TensorRT typed ONNX (fp32 / fp16 / INT8 QDQ) + engine on the device", _tensorrt,
                            extra="tensorrt", packages=("onnx", "onnxruntime", "onnxsim", "tensorrt"),
                            suffixes=(".onnx", ".engine", ".plan"),
