@@ -64,6 +64,8 @@ def test_full_integer_trace_and_census_on_nano(nano, tmp_path) -> None:
     assert rows[-1]["sqnr_db"] > 15 and (first_loss(rows, -100.0) is None)
     census = delegation_census(fi, runs=0)
     assert census["ops_total"] == census["ops_on_xnnpack"] + census["ops_on_builtin"]
+    # issue 14: only the ops XNNPACK has no int8 kernel for are left on builtin kernels
+    assert set(census["builtin_ops"]) <= {"RSQRT", "GELU"}, census["builtin_ops"]
 
 
 @pytest.mark.slow

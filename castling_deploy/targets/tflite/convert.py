@@ -5,8 +5,9 @@ Routes (docs/architecture.md, "LiteRT"):
 - int8: litert-torch's PT2EQuantizer (per-channel weights, calibrated activations) -> a hybrid model:
   linears/batch-matmuls run in int8, norms stay float. The patch-embedding conv is left float because
   quantizing it behind an int8 graph input measured cosine 0.98 instead of 0.999 (castling_nano).
-- full_integer: the fp32 file of the model with its norms written as ``x*rsqrt(sum(x*x))`` -> ai-edge-quantizer
-  ``static_wi8_ai8`` with global min/max calibration (its default moving average clips).
+- full_integer: the fp32 file of the model with its norms written as ``x*rsqrt(sum(x*x))`` and spelled with ops
+  XNNPACK runs in int8 (full_integer.py) -> ai-edge-quantizer ``static_wi8_ai8`` (BATCH_MATMUL activations
+  symmetric) with global min/max calibration (its default moving average clips).
 
 Every artifact carries the signature ``serving_default(images) -> logits`` and our metadata as TFLite
 ``metadata`` entries (name -> UTF-8 bytes in a buffer), readable by any flatbuffer reader.
@@ -179,7 +180,8 @@ def _convert_full_integer(model: nn.Module, calib: np.ndarray, img_size: int, io
     quantized, tool = fi.quantize_static_int8(fp32, calib)
     info["float_twin"] = fp32  # bytes, for the per-tensor error trace; callers pop it before writing JSON
     info["quantizer"] = f"{tool} {_version(tool)}"
-    info["notes"].append(f"{tool} static_wi8_ai8, global min/max calibration; " + "; ".join(notes))
+    info["notes"].append(f"{tool} static_wi8_ai8 (BATCH_MATMUL activations symmetric), global min/max "
+                         "calibration; " + "; ".join(notes))
     if io_dtype == "float32":
         quantized = _float_io(quantized)
     return quantized, diff

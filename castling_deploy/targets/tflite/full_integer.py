@@ -8,17 +8,31 @@ ADDs left the class token at 7 dB SQNR while the whole tensor still read 21 dB; 
 
 ``split_stream_copy`` computes the same function with the class token and the patch tokens in two residual
 tensors (each gets its own int8 scale): per block, the LayerNorms run on each stream, their unit-scale outputs are
-concatenated for attention / MLP (which see the whole sequence, as before), and the branch output is sliced back
-onto each stream. All ops stay plain int8 CONCATENATION / SLICE / ADD (XNNPACK-friendly); no int16 anywhere.
+concatenated for attention (which sees the whole sequence, as before), and its output is sliced back onto each
+stream. The MLP is per token, so it runs on each stream on its own (same weights, no concatenation): the class
+token's fc1 / GELU / fc2 outputs get their own int8 scales instead of the patch tokens' (castling_deit_tiny@224,
+32 held-out image-like inputs: 21.93 -> 22.26 dB logit SQNR vs the fp32 .tflite; no latency change measured).
+All ops stay plain int8 CONCATENATION / SLICE / ADD (XNNPACK-friendly); no int16 anywhere.
+
+XNNPACK (issue 14): litert-torch's lowering of LayerNorm (SQUARED_DIFFERENCE, an ADD / SUB of a ~1e-9-scale
+constant), the L2 norm's ``clamp_min`` (MAXIMUM) and asymmetric int8 BATCH_MATMULs are ops the XNNPACK delegate
+refuses in int8 (measured with ``census.delegation_split`` on one-op models, ai-edge-litert 2.3.0), so they ran on
+builtin kernels and cut the graph into ~150 delegate partitions. ``XnnLayerNorm`` / ``XnnCastlingAttention`` spell
+the same functions with SUB / MUL / MEAN / FULLY_CONNECTED and ``xnnpack_recipe`` quantizes BATCH_MATMUL
+activations symmetrically, which XNNPACK takes. Left on builtin kernels: RSQRT and GELU, which XNNPACK has no
+int8 kernel for (it runs float RSQRT / GELU, but a float island would break the no-float-tensor contract).
 """
 from __future__ import annotations
 
 import copy
+import importlib
+import math
 import os
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...optional import import_optional
@@ -42,9 +56,82 @@ class SplitStreamViT(nn.Module):
         for blk in v.blocks:
             o = blk.attn(torch.cat([blk.norm1(c), blk.norm1(p)], dim=1))
             c, p = c + o[:, :1], p + o[:, 1:]
-            o = blk.mlp(torch.cat([blk.norm2(c), blk.norm2(p)], dim=1))
-            c, p = c + o[:, :1], p + o[:, 1:]
+            c, p = c + blk.mlp(blk.norm2(c)), p + blk.mlp(blk.norm2(p))  # per-token MLP: own int8 scales
         return v.head(v.norm(c)[:, 0])
+
+
+class XnnLayerNorm(nn.Module):
+    """LayerNorm over the last axis spelled with ops XNNPACK runs in int8: SUB, MUL, MEAN, FULLY_CONNECTED.
+
+    ``(x - mean) * rsqrt(mean((x - mean)^2) + eps) * weight + bias`` is LayerNorm itself; litert-torch lowers
+    ``nn.LayerNorm`` to SQUARED_DIFFERENCE and a ``0 - mean * rstd`` SUB with a 4e-12-scale constant, which
+    XNNPACK refuses in int8 (no int8 SQUARED_DIFFERENCE; input/output scale ratio out of range). The variance
+    plus eps is one FULLY_CONNECTED (weights 1/C, exact in int8 per-channel; bias eps) instead of MEAN + ADD of a
+    tiny constant (refused by XNNPACK for the same scale ratio). Only RSQRT is left without an int8 XNNPACK kernel.
+    """
+
+    def __init__(self, ln: nn.LayerNorm) -> None:
+        super().__init__()
+        (dim,) = ln.normalized_shape
+        self.register_buffer("avg", torch.full((1, dim), 1.0 / dim))
+        self.register_buffer("eps", torch.full((1,), float(ln.eps)))
+        self.weight = None if ln.weight is None else nn.Parameter(ln.weight.detach().clone(), requires_grad=False)
+        self.bias = None if ln.bias is None else nn.Parameter(ln.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x - x.mean(dim=-1, keepdim=True)
+        y = xc * torch.rsqrt(F.linear(xc * xc, self.avg, self.eps))
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+class XnnCastlingAttention(nn.Module):
+    """Deploy-form linear-angular attention with its L2 norms as ``x * rsqrt(FC_ones(x*x) + eps^2)``.
+
+    Same function as ``LinearAngularAttention.forward`` (``sparse_reg=False``): the sum of squares is a
+    FULLY_CONNECTED with all-ones weights (exact in int8) whose bias is the clamp (``rsqrt(s + eps^2)`` equals
+    ``rsqrt(max(s, eps^2))`` in float32 for every s but a zero vector, where both give 0 after the multiply), so
+    no MAXIMUM (no int8 XNNPACK kernel) is left.
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+        from ...models.attention import NORM_EPS
+
+        self.register_buffer("ones", torch.ones(1, attn.head_dim))
+        self.register_buffer("eps2", torch.full((1,), NORM_EPS * NORM_EPS))
+
+    def _l2(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(F.linear(x * x, self.ones, self.eps2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attn
+        b, n, c = x.shape
+        q, k, v = a._split_heads(x)
+        qn, kn = self._l2(q), self._l2(k)
+        linear = 0.5 * v + (1.0 / math.pi) * (qn @ (kn.transpose(-2, -1) @ v))
+        out = self._l2(linear) + a.dconv(v)
+        return a.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def _xnn_spelling(model: nn.Module) -> int:
+    """Swap LayerNorms and deploy-form Castling attentions for their XNNPACK-int8 spellings; count swaps."""
+    from ...models.attention import LinearAngularAttention
+
+    swaps = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.LayerNorm) and len(child.normalized_shape) == 1:
+                swaps.append((parent, name, XnnLayerNorm(child)))
+            elif isinstance(child, LinearAngularAttention) and not child.sparse_reg:
+                swaps.append((parent, name, XnnCastlingAttention(child)))
+    for parent, name, new in swaps:
+        setattr(parent, name, new)
+    return len(swaps)
 
 
 def supports_split_stream(model: nn.Module) -> bool:
@@ -59,12 +146,16 @@ def quantizable_copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
     rewritten = copy.deepcopy(model).eval()
     notes = []
     if hasattr(rewritten, "castling_attentions"):
-        for attn in rewritten.castling_attentions():
+        for attn in rewritten.castling_attentions():  # train form (kept as is below): quantizable spelling
             attn.norm_form = "rsqrt"
-        notes.append("Castling L2 norms as x*rsqrt(sum(x*x))")
+    swapped = _xnn_spelling(rewritten)
+    if hasattr(rewritten, "castling_attentions") or swapped:
+        notes.append("Castling L2 norms as x*rsqrt(sum(x*x))" + (
+            "; L2 norms and LayerNorms spelled with SUB/MUL/MEAN/FULLY_CONNECTED (int8 ops XNNPACK takes)"
+            if swapped else ""))
     if supports_split_stream(rewritten):
         rewritten = SplitStreamViT(rewritten).eval()
-        notes.append("class token kept in its own residual tensor (own int8 scale)")
+        notes.append("class token kept in its own residual tensor and MLP (own int8 scales)")
     return rewritten, notes
 
 
@@ -93,13 +184,35 @@ def import_quantizer_modules() -> tuple[Any, Any, Any, Any, str]:
 
 
 def quantize_static_int8(fp32: bytes, calib: np.ndarray) -> tuple[bytes, str]:
-    """static_wi8_ai8 with global min/max calibration over the whole set (the default moving average clips)."""
-    quantizer, calibrator, recipe, qsv_utils, tool = import_quantizer_modules()
-    qt = quantizer.Quantizer(bytearray(fp32), recipe.static_wi8_ai8())
+    """``xnnpack_recipe`` (static_wi8_ai8) with global min/max calibration over the whole set (the default moving
+    average clips)."""
+    quantizer, calibrator, _, qsv_utils, tool = import_quantizer_modules()
+    qt = quantizer.Quantizer(bytearray(fp32), xnnpack_recipe())
     cal = calibrator.Calibrator(fp32, num_threads=max(1, os.cpu_count() or 1), qsv_update_func=qsv_utils.min_max_update)
     cal.calibrate({SIGNATURE: [{INPUT_NAME: img[None]} for img in calib]}, qt._recipe_manager)
     result = qt.quantize(cal.get_model_qsvs(), **_quiet_kwargs(qt.quantize))
     return bytes(result.quantized_model), tool
+
+
+def xnnpack_recipe() -> list[dict[str, Any]]:
+    """static_wi8_ai8, with BATCH_MATMUL activations symmetric: XNNPACK takes an int8 BATCH_MATMUL of two
+    activations only when the right-hand input's zero point is 0 (measured: of 24 asymmetric ones it took the
+    3 whose calibrated zero point happened to be 0)."""
+    quantizer, _, recipe, _, _ = import_quantizer_modules()
+    pkg = quantizer.__name__.rsplit(".", 1)[0]
+    qtyping = importlib.import_module(f"{pkg}.qtyping")
+    recipe_manager = importlib.import_module(f"{pkg}.recipe_manager")
+    rm = recipe_manager.RecipeManager()
+    rm.load_quantization_recipe(recipe.static_wi8_ai8())
+    rm.add_quantization_config(
+        ".*", qtyping.TFLOperationName.BATCH_MATMUL,
+        op_config=qtyping.OpQuantizationConfig(
+            activation_tensor_config=qtyping.TensorQuantizationConfig(num_bits=8, symmetric=True),
+            weight_tensor_config=qtyping.TensorQuantizationConfig(
+                num_bits=8, symmetric=True, granularity=qtyping.QuantGranularity.CHANNELWISE),
+            compute_precision=qtyping.ComputePrecision.INTEGER, explicit_dequantize=False),
+    )
+    return rm.get_quantization_recipe()
 
 
 def quantize_defaults(fp32: bytes, calib: np.ndarray) -> bytes:

@@ -70,7 +70,8 @@ def build(sess: ExportSession, work: Path) -> TargetOutcome:
         calib = sess.require_calib()
         outcome.quantization = {
             "recipe": {"mode": mode, "io_dtypes": census.get("io_dtypes"),
-                       "tool": "ai-edge-quantizer static_wi8_ai8, global min/max" if full_integer
+                       "tool": "ai-edge-quantizer static_wi8_ai8 (symmetric BATCH_MATMUL activations), global min/max"
+                       if full_integer
                        else "litert-torch PT2EQuantizer (per-channel weights, static activations)",
                        "notes": outcome.info[mode].get("notes")},
             "census": census,
