@@ -17,7 +17,7 @@ import shutil
 import signal
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,30 +187,13 @@ def _on_interrupt(signum: int, frame: Any) -> None:
 
 
 @contextlib.contextmanager
-def interrupts_clean_up() -> Iterator[None]:
-    """While a build runs, Ctrl-C and `kill` (SIGINT/SIGTERM) remove the registered paths and exit 130."""
+def _sigint_sigterm_handled_by(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """``handler`` for SIGINT/SIGTERM inside the block, the previous handlers restored after it. Off the main thread
+    nothing is installed (signals are handled in the main thread anyway)."""
     signals = (signal.SIGINT, signal.SIGTERM)
     try:
-        previous = [signal.signal(s, _on_interrupt) for s in signals]
-    except ValueError:  # not the main thread: exceptions still clean up through staged_dir
-        yield
-        return
-    try:
-        yield
-    finally:
-        for s, prev in zip(signals, previous):
-            signal.signal(s, prev)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """SIGINT/SIGTERM arriving inside the block take effect (with the handler that was installed) when it ends, so
-    a result is never caught half-swapped: its previous version moved aside, the new one not yet in place."""
-    pending: list[int] = []
-    signals = (signal.SIGINT, signal.SIGTERM)
-    try:
-        previous = [signal.signal(s, lambda signum, frame: pending.append(signum)) for s in signals]
-    except ValueError:  # not the main thread: signals are handled in the main thread anyway
+        previous = [signal.signal(s, handler) for s in signals]
+    except ValueError:
         yield
         return
     try:
@@ -218,6 +201,23 @@ def _signals_deferred() -> Iterator[None]:
     finally:
         for s, prev in zip(signals, previous):
             signal.signal(s, prev if prev is not None else signal.SIG_DFL)
+
+
+def interrupts_clean_up() -> contextlib.AbstractContextManager[None]:
+    """While a build runs, Ctrl-C and `kill` (SIGINT/SIGTERM) remove the registered paths and exit 130 (off the main
+    thread, exceptions still clean up through staged_dir)."""
+    return _sigint_sigterm_handled_by(_on_interrupt)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM arriving inside the block take effect (with the handler that was installed) when it ends, so
+    a result is never caught half-swapped: its previous version moved aside, the new one not yet in place."""
+    pending: list[int] = []
+    try:
+        with _sigint_sigterm_handled_by(lambda signum, frame: pending.append(signum)):
+            yield
+    finally:
         if pending:
             signal.raise_signal(pending[0])
 

@@ -59,12 +59,10 @@ def profile(artifact: Path, runs: int, warmup: int, threads: int | None, batch: 
       local                     this machine through the same code path
     Each result carries the device's fingerprint and is appended to the report.json beside the artifact.
     """
-    from ..output import remove_stale_temp_dirs
     from ..profiling import format_profile_table, profile_artifact
     from ..profiling.latency import MAX_BATCH, check_chart_destination, check_input_shape
     from ..report import record_latency
 
-    remove_stale_temp_dirs()  # what a killed run left in the temp folder
     input_shape = _parse_shape(shape) if shape is not None else None
     if batch is None:
         batch = input_shape[0] if input_shape else 1

@@ -66,13 +66,22 @@ def local_logits(batch: int) -> LogitsFn:
     return run
 
 
+def _run_model(logits_fn: LogitsFn, dest: Path, name: str, images: np.ndarray) -> tuple[np.ndarray, str] | str:
+    """(logits, runtime) of package file ``name`` on ``images``, or why it was skipped: its runtime is absent (or
+    refuses it) where ``logits_fn`` runs it."""
+    from ..devices import DeviceRuntimeMissing, DeviceUsageError
+
+    try:
+        return logits_fn(resolve_inside(dest, name, "artifact"), images)
+    except (MissingDependencyError, DeviceRuntimeMissing, DeviceUsageError) as exc:
+        return str(exc)
+
+
 def rerun_accuracy(dest: Path, manifest: dict, images: np.ndarray, labels: np.ndarray, *, batch: int,
                    tolerance: float, trusted: bool, min_top1: float | None,
                    logits_fn: LogitsFn | None = None) -> tuple[list[dict], list[str]]:
     """Measure every model file on (images, labels) — here, or wherever ``logits_fn`` runs it (a device);
     returns the rows and the failed goals (one line each). A file whose runtime is absent is skipped, said so."""
-    from ..devices import DeviceRuntimeMissing, DeviceUsageError
-
     logits_fn = logits_fn or local_logits(batch)
 
     meta: dict[str, tuple[dict, dict]] = {}
@@ -90,11 +99,11 @@ def rerun_accuracy(dest: Path, manifest: dict, images: np.ndarray, labels: np.nd
         rec = a.get("recorded") or {}
         row: dict[str, Any] = {"target": t.get("target"), "file": name, "precision": a.get("precision", "?"),
                                "recorded_top1": _number(rec.get("top1_acc")), "recorded_trusted": trusted}
-        try:
-            logits, runtime = logits_fn(resolve_inside(dest, name, "artifact"), images)
-        except (MissingDependencyError, DeviceRuntimeMissing, DeviceUsageError) as exc:  # no runtime for it there
-            rows.append({**row, "status": "skipped", "reason": str(exc)})
+        ran = _run_model(logits_fn, dest, name, images)
+        if isinstance(ran, str):
+            rows.append({**row, "status": "skipped", "reason": ran})
             continue
+        logits, runtime = ran
         acc = float((np.asarray(logits).argmax(1) == labels).mean() * 100)
         rows.append({**row, "runtime": runtime, "n": len(labels), "measured_top1": round(acc, 4)})
     return rows, _apply_goals(rows, tolerance=tolerance, trusted=trusted, min_top1=min_top1)
@@ -151,7 +160,6 @@ def rerun_reference(dest: Path, manifest: dict, *, logits_fn: LogitsFn | None = 
     """Every model file re-run on its folder's reference.npz (castling_deploy/reference.py): the file must give its
     export-time logits back (and float files the folded model's, within atol). Returns (rows, failures); no rows
     when the package carries no reference inputs (exported before they existed)."""
-    from ..devices import DeviceRuntimeMissing, DeviceUsageError
     from ..reference import REFERENCE_FILE, check_against_reference, load_reference
 
     logits_fn = logits_fn or local_logits(batch)
@@ -166,11 +174,11 @@ def rerun_reference(dest: Path, manifest: dict, *, logits_fn: LogitsFn | None = 
         if ref_name not in refs:
             refs[ref_name] = load_reference(resolve_inside(dest, ref_name, "reference inputs"))
         ref = refs[ref_name]
-        try:
-            logits, runtime = logits_fn(resolve_inside(dest, name, "artifact"), ref.inputs)
-        except (MissingDependencyError, DeviceRuntimeMissing, DeviceUsageError) as exc:
-            rows.append({"file": name, "status": "skipped", "reason": str(exc)})
+        ran = _run_model(logits_fn, dest, name, ref.inputs)
+        if isinstance(ran, str):
+            rows.append({"file": name, "status": "skipped", "reason": ran})
             continue
+        logits, runtime = ran
         rows.append({**check_against_reference(ref, name, precision.get(name, "?"), logits), "runtime": runtime})
     failures = [f"{r['file']}: {f} (reference inputs)" for r in rows for f in r.get("failures", [])]
     return rows, failures
