@@ -61,6 +61,25 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+def temp_names(folder: Path, prefixes: tuple[str, ...]) -> list[str]:
+    """Names starting with ``prefixes`` in ``folder`` and inside its castling-run-<pid>-* folders (a CLI command
+    keeps every temp file of its run, ours and the libraries', in its own such folder)."""
+    found = []
+    for top in _entries(folder):
+        if top.name.startswith(prefixes):
+            found.append(top.name)
+            if top.name.startswith("castling-run-"):
+                found += [p.name for p in _entries(top) if p.name.startswith(prefixes)]
+    return sorted(found)
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:  # vanished while a run cleans up
+        return []
+
+
 def invoke(runner: CliRunner, *args: str):
     return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
 

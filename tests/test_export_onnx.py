@@ -24,7 +24,7 @@ from castling_deploy.models.checkpoint import load_checkpoint
 from castling_deploy.runtime.ort import OrtRunner
 from castling_deploy.targets.onnx.convert import read_onnx_metadata
 
-from .conftest import DEMO_CKPT, invoke
+from .conftest import DEMO_CKPT, invoke, temp_names
 
 OUR_TEMP_PREFIXES = ("castling-", ".partial-", ".quantize-", ".onnx-export-")
 
@@ -114,22 +114,7 @@ def test_unwritable_output_exits_2_and_leaves_nothing(runner, tmp_path: Path) ->
 
 
 def _ours(folder: Path) -> list[str]:
-    """Our temp/staging folders in ``folder`` and one level down: a CLI command keeps every temp file of its run,
-    ours and the libraries', inside its own castling-run-<pid>-* folder."""
-    found = []
-    for top in _entries(folder):
-        if top.name.startswith(OUR_TEMP_PREFIXES):
-            found.append(top.name)
-            if top.name.startswith("castling-run-"):
-                found += [p.name for p in _entries(top) if p.name.startswith(OUR_TEMP_PREFIXES)]
-    return sorted(found)
-
-
-def _entries(folder: Path) -> list[Path]:
-    try:
-        return list(folder.iterdir())
-    except OSError:  # vanished while a run cleans up
-        return []
+    return temp_names(folder, OUR_TEMP_PREFIXES)
 
 
 def test_interrupt_mid_export_leaves_no_artifact(runner, tmp_path: Path, monkeypatch) -> None:

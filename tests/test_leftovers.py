@@ -17,7 +17,7 @@ import pytest
 from castling_deploy import output
 from castling_deploy.errors import UsageError
 
-from .conftest import invoke
+from .conftest import invoke, temp_names
 
 MODEL = "castling_nano_digits"
 
@@ -30,22 +30,7 @@ def _dead_pid() -> int:
 
 
 def _ours(folder: Path) -> list[str]:
-    """Our temp/staging folders in ``folder`` and one level down: a CLI command keeps every temp file of its run,
-    ours and the libraries', inside its own castling-run-<pid>-* folder."""
-    found = []
-    for top in _entries(folder):
-        if top.name.startswith(("castling-", ".partial-")):
-            found.append(top.name)
-            if top.name.startswith("castling-run-"):
-                found += [p.name for p in _entries(top) if p.name.startswith(("castling-", ".partial-"))]
-    return sorted(found)
-
-
-def _entries(folder: Path) -> list[Path]:
-    try:
-        return list(folder.iterdir())
-    except OSError:  # vanished while a run cleans up
-        return []
+    return temp_names(folder, ("castling-", ".partial-"))
 
 
 def _start_export(temp: Path, out: Path, *args: str) -> subprocess.Popen:

@@ -3,7 +3,6 @@ as Python 3.6 (JetPack 4's python) — no walrus, no positional-only parameters,
 from __future__ import annotations
 
 import ast
-import os
 import re
 import subprocess
 import sys
@@ -12,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from castling_deploy.devices.scripts import fingerprint_script, runner_script
+
+from ..tensorrt_api import stub_path
 
 
 @pytest.mark.parametrize("make", [fingerprint_script, runner_script])
@@ -32,25 +33,11 @@ def test_runs_without_our_package(tmp_path: Path, onnx_artifact: Path) -> None:
     assert out.returncode == 0 and b'"ok": true' in out.stdout, out.stderr[-500:]
 
 
-def _trt_stub() -> Path | None:
-    env = os.environ.get("CASTLING_DEPLOY_TRT_STUBS")
-    if env:
-        return Path(env)
-    try:
-        from importlib import metadata
-
-        files = metadata.files("tensorrt-stubs") or []
-    except metadata.PackageNotFoundError:
-        return None
-    hit = next((f for f in files if str(f).endswith("tensorrt_bindings/tensorrt.pyi")), None)
-    return Path(hit.locate()) if hit else None
-
-
-@pytest.mark.skipif(_trt_stub() is None, reason="TensorRT API stubs absent: pip install --no-deps tensorrt-stubs "
+@pytest.mark.skipif(stub_path() is None, reason="TensorRT API stubs absent: pip install --no-deps tensorrt-stubs "
                                                 "(or CASTLING_DEPLOY_TRT_STUBS=.../tensorrt_bindings/tensorrt.pyi)")
 def test_tensorrt_part_uses_the_tensorrt10_api() -> None:
     """No TensorRT here; check every TensorRT name the on-device runner calls exists in its 10.x stubs."""
-    stub = _trt_stub().read_text()
+    stub = stub_path().read_text()
     import castling_deploy.devices.remote_extra as extra
 
     src = Path(extra.__file__).read_text()
