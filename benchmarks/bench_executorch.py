@@ -33,31 +33,15 @@ sys.path.insert(0, str(ROOT))
 
 from castling_deploy.output import atomic_write_bytes  # noqa: E402
 from castling_deploy.quiet import quiet_native_output  # noqa: E402
+from castling_deploy.targets.onnx.target import cpu_isa  # noqa: E402
+
+from bench_litert import _image_like  # noqa: E402  (same inputs as the LiteRT rows)
 
 log = logging.getLogger("bench_executorch")
 BASELINE = "litert_fp32"
 LABELS = {"et_fp32": "ExecuTorch fp32 (XNNPACK)", "et_int8": "ExecuTorch INT8 (XNNPACK quantizer)",
           "et_fp32_default": "ExecuTorch fp32, default decompositions", "litert_fp32": "LiteRT fp32",
           "litert_int8": "LiteRT INT8 (hybrid PT2E)"}
-
-
-def _isa() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return platform.machine()
-    keep = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_fp16", "amx_int8") if f in flags]
-    return " ".join(keep) or platform.machine()
-
-
-def _image_like(n: int, s: int, seed: int) -> np.ndarray:
-    """N(0,1) noise on a 28x28 grid, bicubic to s x s, unit std: smooth like pictures (as bench_litert)."""
-    import torch
-    import torch.nn.functional as F
-
-    g = torch.Generator().manual_seed(seed)
-    x = F.interpolate(torch.randn(n, 3, 28, 28, generator=g), size=(s, s), mode="bicubic", align_corners=False)
-    return (x / x.std()).numpy().astype(np.float32)
 
 
 def _fidelity(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
@@ -188,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     for a in arts.values():
         a.pop("path")
     result = {"arch": args.arch, "img_size": s, "artifacts": arts, "latency": latency,
-              "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "isa": _isa()},
+              "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "isa": cpu_isa()},
               "versions": {p: md.version(p) for p in ("torch", "executorch", "torchao", "ai-edge-litert",
                                                        "litert-torch")},
               "wall_seconds": round(time.perf_counter() - t_start, 1)}

@@ -30,21 +30,13 @@ sys.path.insert(0, str(ROOT))
 
 from castling_deploy.output import atomic_write_bytes  # noqa: E402
 from castling_deploy.quiet import quiet_native_output  # noqa: E402
+from castling_deploy.targets.onnx.target import cpu_isa  # noqa: E402
 
 log = logging.getLogger("bench_litert")
 
 MODES = ("fp32", "int8", "full_integer")
 PEER = "peer_full_integer"  # LiteRT's quantizer defaults (static_wi8_ai8, its own calibration) on model.tflite
 BASELINE = "ort_fp32"
-
-
-def _isa() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return platform.machine()
-    keep = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
-    return " ".join(keep) or platform.machine()
 
 
 def _image_like(n: int, s: int, seed: int) -> np.ndarray:
@@ -245,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "ai-edge-litert": _version("ai-edge-litert"),
             "litert-torch": _version("litert-torch"), "ai-edge-quantizer": _version("ai-edge-quantizer"),
-            "litert-quantizer": _version("litert-quantizer"), "isa": _isa(),
+            "litert-quantizer": _version("litert-quantizer"), "isa": cpu_isa(),
         },
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
