@@ -56,12 +56,14 @@ LogitsFn = Callable[[Path, np.ndarray], tuple[np.ndarray, str]]
 
 def local_logits(batch: int) -> LogitsFn:
     """Run a model file here with the runtime its suffix implies: (logits, runtime name)."""
+    from ..quiet import quiet_native_output
     from ..runtime import load_runner
     from ..runtime.base import run_batched
 
     def run(path: Path, images: np.ndarray) -> tuple[np.ndarray, str]:
-        runner = load_runner(path)
-        return run_batched(runner, images, batch), runner.name
+        with quiet_native_output():  # the runtimes' load-time chatter stays off the terminal, as during export
+            runner = load_runner(path)
+            return run_batched(runner, images, batch), runner.name
 
     return run
 
