@@ -3,11 +3,13 @@
 Routes (docs/architecture.md, "LiteRT"):
 - fp32 / fp16: litert-torch converts the torch model; fp16 then casts FC/conv weights with ai-edge-quantizer.
 - int8: litert-torch's PT2EQuantizer (per-channel weights, calibrated activations) -> a hybrid model:
-  linears/batch-matmuls run in int8, norms stay float. The patch-embedding conv is left float because
-  quantizing it behind an int8 graph input measured cosine 0.98 instead of 0.999 (castling_nano).
+  linears run in int8; norms and the attention BATCH_MATMULs stay float (benchmarks/results/litert_ceiling.md).
+  The patch-embedding conv is left float because quantizing it behind an int8 graph input measured cosine 0.98
+  instead of 0.999 (castling_nano).
 - full_integer: the fp32 file of the model with its norms written as ``x*rsqrt(sum(x*x))`` and spelled with ops
   XNNPACK runs in int8 (full_integer.py) -> ai-edge-quantizer ``static_wi8_ai8`` (BATCH_MATMUL activations
-  symmetric) with global min/max calibration (its default moving average clips).
+  symmetric) with global min/max calibration (its default moving average clips), each range then narrowed to
+  its MSE-optimal clip.
 
 Every artifact carries the signature ``serving_default(images) -> logits`` and our metadata as TFLite
 ``metadata`` entries (name -> UTF-8 bytes in a buffer), readable by any flatbuffer reader.
@@ -26,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...output import atomic_write_bytes
 from ...errors import UsageError
 from ...optional import import_optional
+from ...output import atomic_write_bytes
 
 MODES = ("fp32", "fp16", "int8", "full_integer")
 IO_DTYPES = ("float32", "int8")
@@ -171,17 +173,22 @@ def rsqrt_norm_copy(model: nn.Module) -> nn.Module:
 def _convert_full_integer(model: nn.Module, calib: np.ndarray, img_size: int, io_dtype: str,
                           info: dict[str, Any]) -> tuple[bytes, float]:
     from . import full_integer as fi
+    from .requant import fold_requantize
 
     rewritten, notes = fi.quantizable_copy(model)
     diff = fi.max_abs_logit_diff(model, rewritten, calib)
     if diff > NORM_REWRITE_ATOL:
         raise RuntimeError(f"full-integer graph rewrite changed logits by {diff:.3g} (> {NORM_REWRITE_ATOL}); not exporting")
     fp32 = _convert_float(rewritten, img_size)
-    quantized, tool = fi.quantize_static_int8(fp32, calib)
+    quantized, tool, ranges = fi.quantize_static_int8(fp32, calib)
+    quantized, requant = fold_requantize(quantized)
     info["float_twin"] = fp32  # bytes, for the per-tensor error trace; callers pop it before writing JSON
     info["quantizer"] = f"{tool} {_version(tool)}"
+    info["activation_ranges"] = ranges
     info["notes"].append(f"{tool} static_wi8_ai8 (BATCH_MATMUL activations symmetric), global min/max "
-                         "calibration; " + "; ".join(notes))
+                         f"calibration, then MSE-optimal clips ({ranges['clipped']} of {ranges['tensors']} "
+                         f"activation ranges narrowed); {requant['quantize_before'] - requant['quantize_after']} "
+                         "int8->int8 QUANTIZE ops folded into their neighbours (requant.py); " + "; ".join(notes))
     if io_dtype == "float32":
         quantized = _float_io(quantized)
     return quantized, diff
@@ -403,6 +410,11 @@ def _check_args(mode: str, io_dtype: str, metadata: dict[str, str] | None) -> di
 def _convert(model: nn.Module, mode: str, calib_images: np.ndarray | None, img_size: int, io_dtype: str,
              info: dict[str, Any]) -> bytes:
     """The flatbuffer for one mode; what was done goes into ``info``."""
+    if mode != "full_integer":  # full-integer has its own spelling (quantizable_copy), token conv included
+        from ...models.token_conv import token_conv_copy
+
+        model, notes = token_conv_copy(model)
+        info["notes"].extend(notes)
     if mode == "fp32":
         data = _convert_float(model, img_size)
     elif mode == "fp16":

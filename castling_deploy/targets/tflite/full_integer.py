@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...models.token_conv import TokenConv
 from ...optional import import_optional
 
 NORM_REWRITE_ATOL = 1e-4
@@ -54,8 +55,13 @@ class SplitStreamViT(nn.Module):
         p = v.patch_embed(x) + v.pos_embed[:, 1:]
         c = (v.cls_token + v.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         for blk in v.blocks:
-            o = blk.attn(torch.cat([blk.norm1(c), blk.norm1(p)], dim=1))
-            c, p = c + o[:, :1], p + o[:, 1:]
+            x = torch.cat([blk.norm1(c), blk.norm1(p)], dim=1)
+            if hasattr(blk.attn, "pre_proj"):  # proj per stream too: the class row gets its own output scale
+                o = blk.attn.pre_proj(x)
+                c, p = c + blk.attn.attn.proj(o[:, :1]), p + blk.attn.attn.proj(o[:, 1:])
+            else:
+                o = blk.attn(x)
+                c, p = c + o[:, :1], p + o[:, 1:]
             c, p = c + blk.mlp(blk.norm2(c)), p + blk.mlp(blk.norm2(p))  # per-token MLP: own int8 scales
         return v.head(v.norm(c)[:, 0])
 
@@ -104,18 +110,29 @@ class XnnCastlingAttention(nn.Module):
 
         self.register_buffer("ones", torch.ones(1, attn.head_dim))
         self.register_buffer("eps2", torch.full((1,), NORM_EPS * NORM_EPS))
+        self.token_conv = TokenConv(attn)
 
-    def _l2(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(F.linear(x * x, self.ones, self.eps2))
+    def _l2(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        """``gain * x / |x|``: the gain is folded into the sum-of-squares FULLY_CONNECTED (weights and bias / gain^2)."""
+        inv = 1.0 / (gain * gain)
+        return x * torch.rsqrt(F.linear(x * x, self.ones * inv, self.eps2 * inv))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pre_proj(self, x: torch.Tensor) -> torch.Tensor:
         a = self.attn
         b, n, c = x.shape
-        q, k, v = a._split_heads(x)
-        qn, kn = self._l2(q), self._l2(k)
-        linear = 0.5 * v + (1.0 / math.pi) * (qn @ (kn.transpose(-2, -1) @ v))
-        out = self._l2(linear) + a.dconv(v)
-        return a.proj(out.transpose(1, 2).reshape(b, n, c))
+        flat = a.qkv(x)
+        qkv = flat.reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        # q and k normalised as one tensor (one sum-of-squares FC, one RSQRT for both: a builtin-kernel op and an
+        # XNNPACK partition boundary fewer per block), each with gain sqrt(2/pi), so qn (kn^T v) carries the 2/pi
+        # of l2(0.5 v + qn (kn^T v) / pi) = l2(v + (2/pi) qn (kn^T v)): the L2 norm is scale-invariant, so the
+        # two constant MULs go too, with their int8 requantizations
+        qkn = self._l2(qkv[:2], math.sqrt(2.0 / math.pi))
+        qn, kn, v = qkn[0], qkn[1], qkv[2]
+        out = self._l2(v + qn @ (kn.transpose(-2, -1) @ v)).transpose(1, 2).reshape(b, n, c)
+        return out + self.token_conv(flat[..., 2 * c:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn.proj(self.pre_proj(x))
 
 
 def _xnn_spelling(model: nn.Module) -> int:
@@ -183,15 +200,122 @@ def import_quantizer_modules() -> tuple[Any, Any, Any, Any, str]:
         return quantizer, calibrator, recipe, qsv_utils, "ai-edge-quantizer"
 
 
-def quantize_static_int8(fp32: bytes, calib: np.ndarray) -> tuple[bytes, str]:
-    """``xnnpack_recipe`` (static_wi8_ai8) with global min/max calibration over the whole set (the default moving
-    average clips)."""
-    quantizer, calibrator, _, qsv_utils, tool = import_quantizer_modules()
+def quantize_static_int8(fp32: bytes, calib: np.ndarray) -> tuple[bytes, str, dict[str, Any]]:
+    """``xnnpack_recipe`` (static_wi8_ai8): global min/max over the whole set (the default moving average clips),
+    then each activation's range narrowed to its MSE-optimal clip (``mse_clip_ranges``). Returns the model, the
+    quantizer's name and the range summary for the report."""
+    quantizer, _, _, _, tool = import_quantizer_modules()
     qt = quantizer.Quantizer(bytearray(fp32), xnnpack_recipe())
+    qsvs, ranges = mse_clip_ranges(fp32, min_max_qsvs(fp32, calib, qt), calib)
+    result = qt.quantize(qsvs, **_quiet_kwargs(qt.quantize))
+    return bytes(result.quantized_model), tool, ranges
+
+
+def min_max_qsvs(fp32: bytes, calib: np.ndarray, qt: Any = None) -> dict[str, Any]:
+    """Per-tensor min/max over the whole calibration set (the quantizer's calibrator, ``xnnpack_recipe``)."""
+    quantizer, calibrator, _, qsv_utils, _ = import_quantizer_modules()
+    qt = qt or quantizer.Quantizer(bytearray(fp32), xnnpack_recipe())
     cal = calibrator.Calibrator(fp32, num_threads=max(1, os.cpu_count() or 1), qsv_update_func=qsv_utils.min_max_update)
     cal.calibrate({SIGNATURE: [{INPUT_NAME: img[None]} for img in calib]}, qt._recipe_manager)
-    result = qt.quantize(cal.get_model_qsvs(), **_quiet_kwargs(qt.quantize))
-    return bytes(result.quantized_model), tool
+    return cal.get_model_qsvs()
+
+
+CLIP_GRID = np.round(np.arange(0.25, 1.0001, 0.025), 3)  # fraction of each end of the min/max range kept
+HIST_BINS = 2048
+
+
+def best_clip(hist: np.ndarray, lo: float, hi: float, symmetric: bool) -> tuple[float, float, float, float]:
+    """The clip of a histogram over [lo, hi] with the smallest expected squared int8 error.
+
+    Asymmetric: each end scaled on its own by a fraction in CLIP_GRID (a tail on one side is cut without
+    shrinking the other); symmetric: one fraction of max(|lo|, |hi|) on a 127-level grid each side.
+    Returns (fraction kept of lo, of hi, error of that clip, error of the full range)."""
+    centres = lo + (np.arange(len(hist)) + 0.5) * (hi - lo) / len(hist)
+    if symmetric:
+        m = max(abs(lo), abs(hi)) * CLIP_GRID[:, None]
+        step = m / 127.0
+        q = np.clip(np.round(centres[None] / step), -127, 127) * step
+        err = (hist[None] * (centres[None] - q) ** 2).sum(1)
+        i = _last_argmin(err)
+        return float(CLIP_GRID[i]), float(CLIP_GRID[i]), float(err[i]), float(err[-1])
+    best = (1.0, 1.0, np.inf)
+    full = np.inf
+    b = hi * CLIP_GRID[:, None]  # every hi fraction at once
+    for t_lo in CLIP_GRID[::-1]:  # widest first: a tie keeps the wider range
+        a = lo * t_lo
+        step = (b - a) / 255.0
+        q = np.clip(np.round((centres[None] - a) / step), 0, 255) * step + a
+        err = (hist[None] * (centres[None] - q) ** 2).sum(1)
+        j = _last_argmin(err)
+        if err[j] < best[2]:
+            best = (float(t_lo), float(CLIP_GRID[j]), float(err[j]))
+        if t_lo == CLIP_GRID[-1]:
+            full = float(err[-1])
+    return best[0], best[1], best[2], full
+
+
+def _last_argmin(err: np.ndarray) -> int:
+    return len(err) - 1 - int(np.argmin(err[::-1]))
+
+
+def mse_clip_ranges(fp32: bytes, qsvs: dict[str, Any], calib: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Narrow each activation's calibrated [min, max] to the clip that minimises its int8 error on the calib set.
+
+    Global min/max spends the int8 grid on the few extreme values of the set: castling_deit_tiny@224 (image-like
+    inputs, 64 calibration / 32 held-out) 22.37 dB -> 22.89 dB logit SQNR vs the fp32 .tflite. A second pass runs
+    the float graph (builtin kernels, every tensor kept) over the calibration images and builds a fixed-size
+    histogram per tensor over its min/max range, so memory does not grow with the set; the clip (25-100 % of
+    each end of the range) with the smallest expected squared error is kept. RSQRT inputs (the
+    LayerNorm variances and L2 sums of squares) keep their full range: clipping them mis-normalises exactly the
+    largest tokens (measured: 22.76 dB when they are clipped too). BATCH_MATMUL tensors are scored on the
+    symmetric grid the recipe gives them.
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interp = Interpreter(model_content=bytes(fp32), num_threads=max(1, os.cpu_count() or 1),
+                         experimental_preserve_all_tensors=True,
+                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interp.allocate_tensors()
+    details = {d["name"]: d for d in interp.get_tensor_details()}
+    by_index = {d["index"]: d["name"] for d in details.values()}
+    ops = interp._get_ops_details()
+    keep_full = {by_index[i] for o in ops if o["op_name"] == "RSQRT" for i in o["inputs"] if i in by_index}
+    symmetric = {by_index[i] for o in ops if o["op_name"] == "BATCH_MATMUL"
+                 for i in list(o["inputs"]) + list(o["outputs"]) if i in by_index}
+    spans: dict[str, tuple[float, float]] = {}
+    for name, qsv in qsvs.items():
+        if name in keep_full or name not in details or np.size(qsv.get("min", [])) != 1:
+            continue
+        lo, hi = min(float(np.min(qsv["min"])), 0.0), max(float(np.max(qsv["max"])), 0.0)
+        if hi > lo:
+            spans[name] = (lo, hi)
+    hists = {name: np.zeros(HIST_BINS) for name in spans}
+    feed = interp.get_input_details()[0]
+    for img in calib:
+        interp.set_tensor(feed["index"], img[None].astype(np.float32))
+        interp.invoke()
+        for name, (lo, hi) in spans.items():
+            try:
+                values = interp.get_tensor(details[name]["index"])
+            except ValueError:  # not materialised (internal to a fused op)
+                continue
+            hists[name] += np.histogram(values, bins=HIST_BINS, range=(lo, hi))[0]
+    out = dict(qsvs)
+    kept, clipped = [], 0
+    for name, (lo, hi) in spans.items():
+        if hists[name].sum() == 0:
+            continue
+        t_lo, t_hi, _, _ = best_clip(hists[name], lo, hi, name in symmetric)
+        kept.append(t_lo * abs(lo) / (abs(lo) + hi) + t_hi * hi / (abs(lo) + hi))  # fraction of the span kept
+        if (t_lo, t_hi) != (1.0, 1.0):
+            clipped += 1
+            out[name] = dict(qsvs[name], min=np.asarray(qsvs[name]["min"]) * t_lo,
+                             max=np.asarray(qsvs[name]["max"]) * t_hi)
+    summary = {"method": "MSE-optimal clip of each end of the global min/max range per activation (histogram, "
+                         f"{HIST_BINS} bins, 25-100 % of each end kept); RSQRT inputs keep the full range",
+               "tensors": len(kept), "clipped": clipped,
+               "median_kept_fraction": round(float(np.median(kept)), 3) if kept else 1.0}
+    return out, summary
 
 
 def xnnpack_recipe() -> list[dict[str, Any]]:
