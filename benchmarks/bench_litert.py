@@ -49,6 +49,15 @@ def _image_like(n: int, s: int, seed: int) -> np.ndarray:
     return (x / x.std()).numpy().astype(np.float32)
 
 
+ANALYSIS_MARKER = "<!-- analysis: kept when the benchmark rewrites the table above -->"
+
+
+def _kept_analysis(path: Path) -> str:
+    """The hand-written analysis below the marker of the previous litert.md (re-runs replace only the table)."""
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    return "\n" + old[old.index(ANALYSIS_MARKER):] if ANALYSIS_MARKER in old else ""
+
+
 def _write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
@@ -255,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Host: {env['processor']} ({env['isa']}), {env['cpu_count']} CPUs (shared), torch {env['torch']}, "
         f"ai-edge-litert {env['ai-edge-litert']}, litert-torch {env['litert-torch']}, "
         f"litert-quantizer {env['litert-quantizer']}, onnxruntime {env['onnxruntime']}. "
-        f"Wall time {result['wall_s']} s.\n",
+        f"Wall time {result['wall_s']} s.\n" + _kept_analysis(args.out / "litert.md"),
     )
     print(table)
     return 0
