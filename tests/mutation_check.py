@@ -164,6 +164,20 @@ MUTANTS = [
              "        engine = tmp / ENGINE_NAME\n",
              "        engine = tmp / ENGINE_NAME\n        atomic_write_bytes(folder / ENGINE_NAME, engine.read_bytes())\n")],
            ["tests/devices/test_build_engine_remote.py"]),
+    Mutant("mse-clips-rsqrt-inputs", "full-integer range narrowing also clips the variances fed to RSQRT",
+           [("castling_deploy/targets/tflite/full_integer.py",
+             "if name in keep_full or name not in details", "if name not in details")],
+           ["tests/test_tflite_full_integer.py::test_mse_ranges_narrow_activations_but_not_rsqrt_inputs"]),
+    Mutant("requant-adopt-without-params", "folding a requantization rewires the BATCH_MATMUL without giving the "
+           "group the symmetric grid",
+           [("castling_deploy/targets/tflite/requant.py",
+             "                sub.tensors[m].quantization.scale = [p_dst[0]]\n"
+             "                sub.tensors[m].quantization.zeroPoint = [p_dst[1]]\n", "                pass\n")],
+           ["tests/test_tflite_requant.py"]),
+    Mutant("token-conv-wrong-repeat", "the token conv repeats the head kernels in the wrong order",
+           [("castling_deploy/models/token_conv.py", "w.repeat_interleave(attn.head_dim, dim=0)",
+             "w.repeat(attn.head_dim, 1, 1, 1)")],
+           ["tests/test_tflite_xnn_spelling.py"]),
 ]
 
 

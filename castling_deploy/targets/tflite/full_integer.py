@@ -28,6 +28,7 @@ import copy
 import importlib
 import math
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -272,9 +273,11 @@ def mse_clip_ranges(fp32: bytes, qsvs: dict[str, Any], calib: np.ndarray) -> tup
     """
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interp = Interpreter(model_content=bytes(fp32), num_threads=max(1, os.cpu_count() or 1),
-                         experimental_preserve_all_tensors=True,
-                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    with warnings.catch_warnings():  # "preserve_all_tensors is for debugging": it is what this pass needs
+        warnings.simplefilter("ignore", UserWarning)
+        interp = Interpreter(model_content=bytes(fp32), num_threads=max(1, os.cpu_count() or 1),
+                             experimental_preserve_all_tensors=True,
+                             experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interp.allocate_tensors()
     details = {d["name"]: d for d in interp.get_tensor_details()}
     by_index = {d["index"]: d["name"] for d in details.values()}
