@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import platform
-import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -30,6 +29,7 @@ from castling_deploy.budget import logit_metrics
 from castling_deploy.quantize import CalibrationSet, QuantRecipe, onnx_census, quantize_onnx
 from castling_deploy.quantize.fp16 import precision_census, write_fp16_onnx
 from castling_deploy.targets.onnx.convert import export_onnx
+from castling_deploy.targets.onnx.target import cpu_isa
 from castling_deploy.targets.tensorrt.engine import qdq_tensorrt_problems
 
 REPO = Path(__file__).resolve().parent.parent
@@ -226,14 +226,6 @@ def _numpy_fp16_check(work: Path, ref: np.ndarray, x: np.ndarray) -> dict[str, A
     return out
 
 
-def _isa() -> list[str]:
-    try:
-        flags = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return []
-    return sorted({f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16") if f in flags.split()})
-
-
 def _f(m: dict[str, Any], key: str, fmt: str) -> str:
     return format(m[key], fmt) if key in m and m[key] is not None else "-"
 
@@ -355,7 +347,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "modelopt": mo, "modelopt_missing_reason": None if mo else "nvidia-modelopt is not importable here",
         "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "machine": platform.machine(),
-        "isa": _isa(), "threads": 1, "models": [],
+        "isa": cpu_isa().split(), "threads": 1, "models": [],
     }
     for name in args.models:  # written after every model: a long run that dies keeps what it measured
         result["models"].append(bench_model(name, args, mo is not None))

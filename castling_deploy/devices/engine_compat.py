@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from .errors import DeviceUsageError
 
 MAX_META_BYTES = 1 << 20
@@ -101,4 +102,61 @@ def check_engine_runs_on(engine: Path, fp: dict[str, Any], uri: str, *, export_d
     if problems:
         raise DeviceUsageError(uri, f"{Path(engine).name} cannot run there: " + "; ".join(problems),
                                f"rebuild it on that device: castling-deploy build-engine {export_dir} --device {uri}")
+    return notes
+
+
+def local_gpu() -> tuple[str, str | None]:
+    """(name, compute capability "major.minor") of this machine's CUDA device 0 ("unknown", None without one):
+    what an engine built here is compiled for, and what an engine run here must have been built for."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            return torch.cuda.get_device_name(0), f"{major}.{minor}"
+    except Exception:  # torch without CUDA, or no driver
+        pass
+    try:
+        from cuda import cudart  # cuda-python
+
+        err, props = cudart.cudaGetDeviceProperties(0)
+        if int(err) == 0:
+            return props.name.decode(errors="replace").rstrip("\x00"), f"{props.major}.{props.minor}"
+    except Exception:
+        pass
+    return "unknown", None
+
+
+def local_tensorrt() -> str | None:
+    """The installed TensorRT Python package's version (read from its metadata: nothing is imported)."""
+    from importlib import metadata
+
+    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu11", "tensorrt-cu13"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+class EngineMismatchError(UsageError):
+    """An engine built with another TensorRT version or for another GPU than this machine's (exit 2)."""
+
+
+def check_engine_runs_here(engine: Path, *, export_dir: str = "EXPORT_DIR") -> list[str]:
+    """``check_engine_runs_on`` for this machine (local ``profile`` / ``verify``): refuse (exit 2) an engine built
+    with another TensorRT version or for another compute capability before TensorRT is asked to load it."""
+    engine = Path(engine)
+    if engine.suffix not in ENGINE_SUFFIXES:
+        return []
+    meta = read_engine_metadata(engine)
+    if meta is None:
+        return []
+    name, cc = local_gpu()
+    fp = {"runtimes": {"tensorrt": local_tensorrt()},
+          "gpu": {"name": None if name == "unknown" else name, "compute_capability": cc}}
+    problems, notes = engine_mismatch(meta, fp)
+    if problems:
+        raise EngineMismatchError(f"{engine.name} cannot run here: " + "; ".join(problems).replace("the device", "this machine")
+                         + f"; rebuild it here: castling-deploy build-engine {export_dir}")
     return notes

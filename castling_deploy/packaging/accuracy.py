@@ -56,11 +56,13 @@ LogitsFn = Callable[[Path, np.ndarray], tuple[np.ndarray, str]]
 
 def local_logits(batch: int) -> LogitsFn:
     """Run a model file here with the runtime its suffix implies: (logits, runtime name)."""
+    from ..devices.engine_compat import check_engine_runs_here
     from ..quiet import quiet_native_output
     from ..runtime import load_runner
     from ..runtime.base import run_batched
 
     def run(path: Path, images: np.ndarray) -> tuple[np.ndarray, str]:
+        check_engine_runs_here(path)  # an engine for another GPU / TensorRT: skipped, said why, before loading
         with quiet_native_output():  # the runtimes' load-time chatter stays off the terminal, as during export
             runner = load_runner(path)
             return run_batched(runner, images, batch), runner.name
@@ -72,10 +74,11 @@ def _run_model(logits_fn: LogitsFn, dest: Path, name: str, images: np.ndarray) -
     """(logits, runtime) of package file ``name`` on ``images``, or why it was skipped: its runtime is absent (or
     refuses it) where ``logits_fn`` runs it."""
     from ..devices import DeviceRuntimeMissing, DeviceUsageError
+    from ..devices.engine_compat import EngineMismatchError
 
     try:
         return logits_fn(resolve_inside(dest, name, "artifact"), images)
-    except (MissingDependencyError, DeviceRuntimeMissing, DeviceUsageError) as exc:
+    except (MissingDependencyError, DeviceRuntimeMissing, DeviceUsageError, EngineMismatchError) as exc:
         return str(exc)
 
 

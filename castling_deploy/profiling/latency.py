@@ -6,6 +6,7 @@ which an app pays once at startup; mixing it into per-image latency would mislea
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import resource
@@ -20,6 +21,8 @@ import numpy as np
 from ..errors import UsageError
 from .progress import ProgressBar
 from .timer import time_interleaved
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "castling-deploy/profile/1"
 SEED = 0
@@ -197,6 +200,11 @@ def profile_artifact(
     if input_shape is not None:
         check_input_shape(input_shape, batch)
     kind = artifact_kind(path)
+    if kind == "tensorrt":  # another GPU / TensorRT version: exit 2 with the rebuild command, before loading
+        from ..devices.engine_compat import check_engine_runs_here
+
+        for note in check_engine_runs_here(path):
+            log.warning("%s: %s", path.name, note)
     if chart_path is not None:
         check_chart_destination(Path(chart_path))
     with RssSampler() as load_mem:

@@ -96,15 +96,17 @@ class ExportSession:
         return self.folded.cfg.img_size
 
     def verify(self, stage: str, candidate: str, runner: Runner, *, precision: str,
-               reference: str = "folded torch fp32", tolerance: float | None = None) -> StageResult:
-        """Run ``runner`` on the val set and check it against the folded float model."""
+               reference: str = "folded torch fp32", tolerance: float | None = None,
+               shipped: bool = True) -> StageResult:
+        """Run ``runner`` on the val set and check it against the folded float model; a shipped file's runner also
+        runs the reference inputs (reference.npz). ``shipped=False``: an intermediate that is not packaged."""
         t0 = time.perf_counter()
         logits = run_batched(runner, self.val.images)
         result = check_stage(stage, reference, candidate, runner.name, self.ref_logits, logits, self.val.labels,
                              tolerance_points=self.opts.tolerance if tolerance is None else tolerance,
                              atol=FLOAT_ATOL.get(precision))
         result.metrics["seconds"] = round(time.perf_counter() - t0, 3)
-        if self.reference_inputs is not None:
+        if shipped and self.reference_inputs is not None:
             self.reference_runs[reference_key(result)] = run_batched(runner, self.reference_inputs)
         return result
 

@@ -38,7 +38,7 @@ def build(sess: ExportSession, work: Path) -> TargetOutcome:
         fp32 = Path(tmp) / "model_fp32.mlpackage"
         outcome.info["fp32"] = convert("fp32", fp32)
         outcome.stages.append(sess.verify("export", "Core ML fp32 (not shipped)", load_coreml_runner(fp32),
-                                          precision="fp32"))
+                                          precision="fp32", shipped=False))
     shipped = work / "model.mlpackage"
     outcome.info["fp16"] = convert("fp16", shipped)
     runner = load_coreml_runner(shipped)

@@ -74,23 +74,9 @@ def trtexec_command(
 
 def _gpu() -> tuple[str, str | None]:
     """(name, compute capability "major.minor") of CUDA device 0: what an engine built here is compiled for."""
-    try:
-        import torch
+    from ...devices.engine_compat import local_gpu
 
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            return torch.cuda.get_device_name(0), f"{major}.{minor}"
-    except Exception:  # torch without CUDA, or no driver
-        pass
-    try:
-        from cuda import cudart  # cuda-python
-
-        err, props = cudart.cudaGetDeviceProperties(0)
-        if int(err) == 0:
-            return props.name.decode(errors="replace").rstrip("\x00"), f"{props.major}.{props.minor}"
-    except Exception:
-        pass
-    return "unknown", None
+    return local_gpu()
 
 
 def onnx_precision_problem(onnx_path: Path, precision: str) -> str | None:
