@@ -63,10 +63,20 @@ class LinearAngularAttention(nn.Module):
         # Set by the fold's measurement hooks; None during normal inference.
         self.branch_stats: list[tuple[float, float]] | None = None
 
+    def heads(self, flat: torch.Tensor) -> torch.Tensor:
+        """The qkv projection [B, N, 3C] as [3, B, heads, N, head_dim] (q, k, v along the first axis)."""
+        b, n, _ = flat.shape
+        return flat.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
     def _split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.heads(self.qkv(x))
         return qkv[0], qkv[1], qkv[2]
+
+    def linear_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``0.5 v + (1/pi) q_hat (k_hat^T v)``: the linear-angular term, before the softmax branch and the norm."""
+        qn = l2_normalize(q, self.norm_form)
+        kn = l2_normalize(k, self.norm_form)
+        return 0.5 * v + (1.0 / math.pi) * (qn @ (kn.transpose(-2, -1) @ v))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -75,9 +85,7 @@ class LinearAngularAttention(nn.Module):
         if self.sparse_reg:
             attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
             sparse_out = ((attn > self.threshold).to(attn.dtype) * attn) @ v
-        qn = l2_normalize(q, self.norm_form)
-        kn = l2_normalize(k, self.norm_form)
-        linear = 0.5 * v + (1.0 / math.pi) * (qn @ (kn.transpose(-2, -1) @ v))
+        linear = self.linear_branch(q, k, v)
         if sparse_out is not None:
             if self.branch_stats is not None:
                 ratio = sparse_out.flatten(1).norm(dim=1) / linear.flatten(1).norm(dim=1).clamp_min(NORM_EPS)

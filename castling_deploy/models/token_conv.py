@@ -11,7 +11,7 @@ the checkpoint and the torch model are unchanged, only the traced graph differs.
 from __future__ import annotations
 
 import copy
-import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,19 +52,23 @@ class TokenConvAttention(nn.Module):
         a = self.attn
         b, n, c = x.shape
         flat = a.qkv(x)
-        q, k, v = flat.reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-        qn, kn = l2_normalize(q, a.norm_form), l2_normalize(k, a.norm_form)
-        linear = 0.5 * v + (1.0 / math.pi) * (qn @ (kn.transpose(-2, -1) @ v))
-        out = l2_normalize(linear, a.norm_form).transpose(1, 2).reshape(b, n, c)
+        qkv = a.heads(flat)
+        out = l2_normalize(a.linear_branch(qkv[0], qkv[1], qkv[2]), a.norm_form).transpose(1, 2).reshape(b, n, c)
         return a.proj(out + self.token_conv(flat[..., 2 * c:]))
+
+
+def swap_modules(model: nn.Module, replace: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Put ``replace(child)`` in place of every submodule for which it returns a module; the number swapped."""
+    swaps = [(parent, name, new) for parent in model.modules() for name, child in parent.named_children()
+             if (new := replace(child)) is not None]
+    for parent, name, new in swaps:
+        setattr(parent, name, new)
+    return len(swaps)
 
 
 def token_conv_copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """A deep copy with every deploy-form Castling attention as ``TokenConvAttention``: what the exporters trace."""
     rewritten = copy.deepcopy(model).eval()
-    swaps = [(parent, name, TokenConvAttention(child)) for parent in rewritten.modules()
-             for name, child in parent.named_children()
-             if isinstance(child, LinearAngularAttention) and not child.sparse_reg]
-    for parent, name, new in swaps:
-        setattr(parent, name, new)
-    return rewritten, (["attention token conv as a depthwise conv over all channels, token-major"] if swaps else [])
+    swapped = swap_modules(rewritten, lambda m: TokenConvAttention(m)
+                           if isinstance(m, LinearAngularAttention) and not m.sparse_reg else None)
+    return rewritten, (["attention token conv as a depthwise conv over all channels, token-major"] if swapped else [])

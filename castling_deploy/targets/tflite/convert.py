@@ -22,7 +22,7 @@ import importlib
 import time
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -96,10 +96,13 @@ def _check_calib(calib_images: np.ndarray | None, img_size: int, mode: str) -> n
 
 
 # --------------------------------------------------------------------------------------------- conversions
+def litert_float(module: nn.Module, sample: dict[str, torch.Tensor]) -> bytes:
+    """A float .tflite of ``module`` traced with keyword inputs ``sample`` (any module, not only a ViT)."""
+    return bytes(_import_litert_torch().convert(module.eval(), sample_kwargs=sample).model_content())
+
+
 def _convert_float(model: nn.Module, img_size: int) -> bytes:
-    litert_torch = _import_litert_torch()
-    edge = litert_torch.convert(_NamedIO(model).eval(), sample_kwargs={INPUT_NAME: _sample(img_size)})
-    return bytes(edge.model_content())
+    return litert_float(_NamedIO(model), {INPUT_NAME: _sample(img_size)})
 
 
 def _fp16_weights(fp32_tflite: bytes) -> bytes:
@@ -142,24 +145,30 @@ def _pt2e_quantizer() -> Any:
     return CastlingPT2EQuantizer().set_global(pq.get_symmetric_quantization_config(is_per_channel=True))
 
 
-def _convert_int8_pt2e(model: nn.Module, calib: np.ndarray, img_size: int) -> bytes:
+def litert_pt2e_int8(module: nn.Module, sample: dict[str, torch.Tensor],
+                     calib: Iterable[dict[str, torch.Tensor]]) -> bytes:
+    """The hybrid PT2E int8 .tflite of ``module`` (our quantizer), calibrated on the keyword-input batches ``calib``."""
     litert_torch = _import_litert_torch()
     from litert_torch.quantize import quant_config as qcfg
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     quantizer = _pt2e_quantizer()
-    sample = {INPUT_NAME: _sample(img_size)}
-    graph = torch.export.export(_NamedIO(model).eval(), (), sample).module()
+    graph = torch.export.export(module.eval(), (), sample).module()
     graph = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
-        for img in calib:  # batch 1, as the artifact will run
-            graph(images=torch.from_numpy(img[None]))
+        for batch in calib:
+            graph(**batch)
     graph = convert_pt2e(graph, fold_quantize=False)
     move_exported_model_to_eval(graph)
     graph.training = False  # litert-torch checks the flag; the graph itself is already in eval form
     edge = litert_torch.convert(graph, sample_kwargs=sample, quant_config=qcfg.QuantConfig(pt2e_quantizer=quantizer))
     return bytes(edge.model_content())
+
+
+def _convert_int8_pt2e(model: nn.Module, calib: np.ndarray, img_size: int) -> bytes:
+    batches = ({INPUT_NAME: torch.from_numpy(img[None])} for img in calib)  # batch 1, as the artifact will run
+    return litert_pt2e_int8(_NamedIO(model), {INPUT_NAME: _sample(img_size)}, batches)
 
 
 def rsqrt_norm_copy(model: nn.Module) -> nn.Module:

@@ -28,7 +28,6 @@ import copy
 import importlib
 import math
 import os
-import warnings
 from typing import Any
 
 import numpy as np
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...models.token_conv import TokenConv
+from ...models.token_conv import TokenConv, swap_modules
 from ...optional import import_optional
 
 NORM_REWRITE_ATOL = 1e-4
@@ -122,7 +121,7 @@ class XnnCastlingAttention(nn.Module):
         a = self.attn
         b, n, c = x.shape
         flat = a.qkv(x)
-        qkv = flat.reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = a.heads(flat)
         # q and k normalised as one tensor (one sum-of-squares FC, one RSQRT for both: a builtin-kernel op and an
         # XNNPACK partition boundary fewer per block), each with gain sqrt(2/pi), so qn (kn^T v) carries the 2/pi
         # of l2(0.5 v + qn (kn^T v) / pi) = l2(v + (2/pi) qn (kn^T v)): the L2 norm is scale-invariant, so the
@@ -140,16 +139,14 @@ def _xnn_spelling(model: nn.Module) -> int:
     """Swap LayerNorms and deploy-form Castling attentions for their XNNPACK-int8 spellings; count swaps."""
     from ...models.attention import LinearAngularAttention
 
-    swaps = []
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, nn.LayerNorm) and len(child.normalized_shape) == 1:
-                swaps.append((parent, name, XnnLayerNorm(child)))
-            elif isinstance(child, LinearAngularAttention) and not child.sparse_reg:
-                swaps.append((parent, name, XnnCastlingAttention(child)))
-    for parent, name, new in swaps:
-        setattr(parent, name, new)
-    return len(swaps)
+    def spelled(m: nn.Module) -> nn.Module | None:
+        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+            return XnnLayerNorm(m)
+        if isinstance(m, LinearAngularAttention) and not m.sparse_reg:
+            return XnnCastlingAttention(m)
+        return None
+
+    return swap_modules(model, spelled)
 
 
 def supports_split_stream(model: nn.Module) -> bool:
@@ -271,14 +268,9 @@ def mse_clip_ranges(fp32: bytes, qsvs: dict[str, Any], calib: np.ndarray) -> tup
     largest tokens (measured: 22.76 dB when they are clipped too). BATCH_MATMUL tensors are scored on the
     symmetric grid the recipe gives them.
     """
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from .trace import feed, keeping_interpreter
 
-    with warnings.catch_warnings():  # "preserve_all_tensors is for debugging": it is what this pass needs
-        warnings.simplefilter("ignore", UserWarning)
-        interp = Interpreter(model_content=bytes(fp32), num_threads=max(1, os.cpu_count() or 1),
-                             experimental_preserve_all_tensors=True,
-                             experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    interp.allocate_tensors()
+    interp = keeping_interpreter(fp32, threads=max(1, os.cpu_count() or 1))
     details = {d["name"]: d for d in interp.get_tensor_details()}
     by_index = {d["index"]: d["name"] for d in details.values()}
     ops = interp._get_ops_details()
@@ -293,10 +285,8 @@ def mse_clip_ranges(fp32: bytes, qsvs: dict[str, Any], calib: np.ndarray) -> tup
         if hi > lo:
             spans[name] = (lo, hi)
     hists = {name: np.zeros(HIST_BINS) for name in spans}
-    feed = interp.get_input_details()[0]
     for img in calib:
-        interp.set_tensor(feed["index"], img[None].astype(np.float32))
-        interp.invoke()
+        feed(interp, img)
         for name, (lo, hi) in spans.items():
             try:
                 values = interp.get_tensor(details[name]["index"])

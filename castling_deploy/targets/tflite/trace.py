@@ -9,25 +9,30 @@ is lost; a large drop between a tensor and its producer's inputs names the op re
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 
-def _interpreter(model: str | Path | bytes) -> Any:
+def keeping_interpreter(model: str | Path | bytes, threads: int = 1) -> Any:
+    """A LiteRT interpreter on builtin kernels that keeps every intermediate tensor readable after ``invoke``."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     src = {"model_content": bytes(model)} if isinstance(model, (bytes, bytearray)) else {"model_path": str(model)}
-    interp = Interpreter(
-        **src, num_threads=1, experimental_preserve_all_tensors=True,
-        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-    )
+    with warnings.catch_warnings():  # "preserve_all_tensors is for debugging": reading them is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        interp = Interpreter(
+            **src, num_threads=threads, experimental_preserve_all_tensors=True,
+            experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        )
     interp.allocate_tensors()
     return interp
 
 
-def _feed(interp: Any, image: np.ndarray) -> None:
+def feed(interp: Any, image: np.ndarray) -> None:
+    """Run one CHW image (batch 1): transposed for an NHWC model, quantized for an integer input."""
     detail = interp.get_input_details()[0]
     x = image[None].astype(np.float32)
     if list(detail["shape"][1:]) != list(x.shape[1:]):  # NHWC model
@@ -63,7 +68,7 @@ def trace_tensors(float_path: str | Path | bytes, quant_path: str | Path | bytes
 
     ``float_path`` must be the float model the quantizer was given (for full-integer: the rewritten graph,
     ``convert_tflite(..., info)["float_twin"]``), or names will not match."""
-    ref, qnt = _interpreter(float_path), _interpreter(quant_path)
+    ref, qnt = keeping_interpreter(float_path), keeping_interpreter(quant_path)
     ref_by_name = {d["name"]: d for d in ref.get_tensor_details()}
     q_details = {d["index"]: d for d in qnt.get_tensor_details()}
     order = _execution_order(qnt)
@@ -71,8 +76,8 @@ def trace_tensors(float_path: str | Path | bytes, quant_path: str | Path | bytes
     err: dict[str, float] = {}
     amax: dict[str, float] = {}
     for image in images:
-        _feed(ref, image)
-        _feed(qnt, image)
+        feed(ref, image)
+        feed(qnt, image)
         for _, _, outputs in order:
             for idx in outputs:
                 d = q_details[idx]
