@@ -58,6 +58,24 @@ def _kept_analysis(path: Path) -> str:
     return "\n" + old[old.index(ANALYSIS_MARKER):] if ANALYSIS_MARKER in old else ""
 
 
+def quiet_logging() -> None:
+    """Our progress on stderr; the converters' own loggers only on errors."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("absl", "tensorflow", "torch", "litert_torch", "ai_edge_quantizer"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def environment(*dists: str) -> dict[str, Any]:
+    """The host (ISA included) and the versions of torch and of ``dists``, for the results JSON."""
+    import torch
+
+    from castling_deploy.targets.tflite.convert import _version
+
+    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            **{d: _version(d) for d in dists}, "isa": cpu_isa()}
+
+
 def _write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
@@ -119,9 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval", type=int, default=32, help="held-out image-like inputs for the logit comparison")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("absl", "tensorflow", "torch", "litert_torch", "ai_edge_quantizer"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_logging()
 
     import torch
 
@@ -130,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from castling_deploy.runtime.litert import LiteRTRunner
     from castling_deploy.runtime.ort import OrtRunner
     from castling_deploy.targets.tflite.census import delegation_split
-    from castling_deploy.targets.tflite.convert import _float_io, _version, convert_tflite
+    from castling_deploy.targets.tflite.convert import _float_io, convert_tflite
     from castling_deploy.targets.tflite.full_integer import quantize_defaults
 
     t_start = time.perf_counter()
@@ -234,20 +250,13 @@ def main(argv: list[str] | None = None) -> int:
             })
         del runners
 
-    import onnxruntime
-
     result = {
         "arch": args.arch, "img_size": s, "batch": 1, "runs": args.runs, "warmup": args.warmup,
         "rounds": args.rounds, "threads": args.threads, "calib_images": args.calib, "eval_images": args.eval,
         "weights": "random, torch.manual_seed(0); inputs image-like (N(0,1) 28x28, bicubic, unit std), seeds 1 / 2",
         "artifacts": artifacts, "latency": latency,
-        "environment": {
-            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "ai-edge-litert": _version("ai-edge-litert"),
-            "litert-torch": _version("litert-torch"), "ai-edge-quantizer": _version("ai-edge-quantizer"),
-            "litert-quantizer": _version("litert-quantizer"), "isa": cpu_isa(),
-        },
+        "environment": environment("onnxruntime", "ai-edge-litert", "litert-torch", "ai-edge-quantizer",
+                                   "litert-quantizer"),
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     table = _table(result)

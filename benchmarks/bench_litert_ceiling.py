@@ -192,35 +192,20 @@ _Single, _MatMul, _PatchEmbed, _TinyAdd = _modules()
 def _convert_fp32(module: Any, shapes: dict[str, tuple[int, ...]]) -> bytes:
     import torch
 
-    from castling_deploy.targets.tflite.convert import _import_litert_torch
+    from castling_deploy.targets.tflite.convert import litert_float
 
-    sample = {k: torch.zeros(s) for k, s in shapes.items()}
-    return bytes(_import_litert_torch().convert(module.eval(), sample_kwargs=sample).model_content())
+    return litert_float(module, {k: torch.zeros(s) for k, s in shapes.items()})
 
 
 def _convert_int8(module: Any, shapes: dict[str, tuple[int, ...]], calib: int, seed: int) -> bytes:
-    """convert.py's ``_convert_int8_pt2e`` with generic inputs: same quantizer, same PT2E calls."""
+    """The product's PT2E int8 path (same quantizer, same calls) on random inputs of the op's shapes."""
     import torch
-    from litert_torch.quantize import quant_config as qcfg
-    from torchao.quantization.pt2e import move_exported_model_to_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from castling_deploy.targets.tflite.convert import _import_litert_torch, _pt2e_quantizer
+    from castling_deploy.targets.tflite.convert import litert_pt2e_int8
 
-    litert_torch = _import_litert_torch()
-    quantizer = _pt2e_quantizer()
-    sample = {k: torch.zeros(s) for k, s in shapes.items()}
-    graph = torch.export.export(module.eval(), (), sample).module()
-    graph = prepare_pt2e(graph, quantizer)
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _ in range(calib):
-            graph(**{k: torch.randn(s, generator=g) for k, s in shapes.items()})
-    graph = convert_pt2e(graph, fold_quantize=False)
-    move_exported_model_to_eval(graph)
-    graph.training = False
-    edge = litert_torch.convert(graph, sample_kwargs=sample, quant_config=qcfg.QuantConfig(pt2e_quantizer=quantizer))
-    return bytes(edge.model_content())
+    batches = ({k: torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(calib))
+    return litert_pt2e_int8(module, {k: torch.zeros(s) for k, s in shapes.items()}, batches)
 
 
 # ------------------------------------------------------------------------------------------------ timing
