@@ -54,25 +54,25 @@ def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", name.lower()).strip()
 
 
-def engine_mismatch(meta: dict[str, Any], fp: dict[str, Any]) -> tuple[list[str], list[str]]:
+def engine_mismatch(meta: dict[str, Any], fp: dict[str, Any], where: str = "the device") -> tuple[list[str], list[str]]:
     """(problems that stop the engine loading, differences worth a warning) between an engine's metadata and a
-    device fingerprint."""
+    device fingerprint; ``where`` names the machine in the messages."""
     problems: list[str] = []
     notes: list[str] = []
     built, have = meta.get("tensorrt"), device_tensorrt(fp)
     if version_key(built) and version_key(have) and version_key(built) != version_key(have):
-        problems.append(f"it was built with TensorRT {built} and the device has TensorRT {have}")
+        problems.append(f"it was built with TensorRT {built} and {where} has TensorRT {have}")
     gpu = device_gpu(fp)
     built_cc, have_cc = meta.get("compute_capability"), gpu["compute_capability"]
     if built_cc and have_cc and str(built_cc) != str(have_cc):
         problems.append(f"it was built for compute capability {built_cc} ({meta.get('gpu') or 'unknown GPU'}) and "
-                        f"the device's GPU is {have_cc} ({gpu['name'] or 'unknown'})")
+                        f"{where}'s GPU is {have_cc} ({gpu['name'] or 'unknown'})")
     built_gpu, have_gpu = meta.get("gpu"), gpu["name"]
     if not problems and built_gpu and have_gpu:
         a, b = _norm(str(built_gpu)), _norm(str(have_gpu))
         if a not in b and b not in a:  # torch says "Orin", the device tree "NVIDIA Jetson AGX Orin ...": same GPU
             (notes if built_cc and have_cc else problems).append(
-                f"it was built on a {built_gpu} and the device has a {have_gpu}")
+                f"it was built on a {built_gpu} and {where} has a {have_gpu}")
     return problems, notes
 
 
@@ -128,15 +128,11 @@ def local_gpu() -> tuple[str, str | None]:
 
 
 def local_tensorrt() -> str | None:
-    """The installed TensorRT Python package's version (read from its metadata: nothing is imported)."""
-    from importlib import metadata
+    """This machine's TensorRT Python package version, found as a device fingerprint finds it (pip metadata, else
+    the module itself: JetPack's deb install has no metadata); None without one."""
+    from .fingerprint import RUNTIME_MODULES, _module_version
 
-    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu11", "tensorrt-cu13"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
+    return _module_version("tensorrt", dict(RUNTIME_MODULES)["tensorrt"])
 
 
 class EngineMismatchError(UsageError):
@@ -147,16 +143,14 @@ def check_engine_runs_here(engine: Path, *, export_dir: str = "EXPORT_DIR") -> l
     """``check_engine_runs_on`` for this machine (local ``profile`` / ``verify``): refuse (exit 2) an engine built
     with another TensorRT version or for another compute capability before TensorRT is asked to load it."""
     engine = Path(engine)
-    if engine.suffix not in ENGINE_SUFFIXES:
-        return []
-    meta = read_engine_metadata(engine)
+    meta = read_engine_metadata(engine) if engine.suffix in ENGINE_SUFFIXES else None
     if meta is None:
-        return []
+        return []  # not an engine, or nothing recorded to compare: the runtime decides
     name, cc = local_gpu()
     fp = {"runtimes": {"tensorrt": local_tensorrt()},
           "gpu": {"name": None if name == "unknown" else name, "compute_capability": cc}}
-    problems, notes = engine_mismatch(meta, fp)
+    problems, notes = engine_mismatch(meta, fp, "this machine")
     if problems:
-        raise EngineMismatchError(f"{engine.name} cannot run here: " + "; ".join(problems).replace("the device", "this machine")
-                         + f"; rebuild it here: castling-deploy build-engine {export_dir}")
+        raise EngineMismatchError(f"{engine.name} cannot run here: " + "; ".join(problems)
+                                  + f"; rebuild it here: castling-deploy build-engine {export_dir}")
     return notes
