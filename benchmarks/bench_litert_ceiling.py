@@ -36,8 +36,6 @@ import argparse
 import collections
 import json
 import logging
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -49,11 +47,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_litert import _image_like  # noqa: E402  (same inputs as the LiteRT rows)
+from bench_litert import _image_like, environment, quiet_logging  # noqa: E402  (same inputs as bench_litert)
 
 from castling_deploy.output import atomic_write_bytes  # noqa: E402
 from castling_deploy.quiet import quiet_native_output  # noqa: E402
-from castling_deploy.targets.onnx.target import cpu_isa  # noqa: E402
 
 log = logging.getLogger("bench_litert_ceiling")
 
@@ -303,7 +300,8 @@ def _table(result: dict[str, Any]) -> str:
         "|---|---:|",
         f"| whole model T_fp32 / T_int8 (ms, invoke only) | {s['T_fp32_ms']:.2f} / {s['T_int8_ms']:.2f} "
         f"({s['measured_speedup']:.2f}x) |",
-        f"| per-invoke overhead (tiny ADD model, subtracted per one-op time) | {1e3 * s['invoke_overhead_ms']:.1f} us |",
+        f"| per-invoke overhead (tiny ADD model, subtracted per one-op time) | "
+        f"{1e3 * s['invoke_overhead_ms']:.1f} us |",
         f"| G_fp32: GEMM time x counts (ms) | {s['G_fp32_ms']:.2f} |",
         f"| GEMM share of fp32 model (of which the product runs in int8) | {100 * s['gemm_share_fp32']:.1f}% "
         f"({100 * s['int8_gemm_share_fp32']:.1f}%) |",
@@ -374,14 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-calib", type=int, default=64, help="image-like calibration inputs, whole int8 model")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("absl", "tensorflow", "torch", "litert_torch", "ai_edge_quantizer"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-
-    import torch
-
-    from castling_deploy.targets.tflite.convert import _version
-
+    quiet_logging()
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="castling-bench-ceiling-") as tmp_s:
@@ -422,12 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": __doc__.split("\n\n")[1],
         "summary": summary, "ops": inventory, "whole_models": whole,
         "samples_ms": {f"{a}:{m}": [round(float(t), 4) for t in v] for (a, m), v in zip(keys, samples)},
-        "environment": {
-            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "ai-edge-litert": _version("ai-edge-litert"), "litert-torch": _version("litert-torch"),
-            "torchao": _version("torchao"), "isa": cpu_isa(),
-        },
+        "environment": environment("ai-edge-litert", "litert-torch", "torchao"),
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     table = _table(result)
