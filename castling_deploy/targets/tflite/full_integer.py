@@ -113,7 +113,7 @@ class XnnCastlingAttention(nn.Module):
         self.token_conv = TokenConv(attn)
 
     def _l2(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
-        """``gain * x / |x|``: the gain is folded into the sum-of-squares FULLY_CONNECTED (weights and bias / gain^2)."""
+        """``gain * x / |x|``, the gain folded into the sum-of-squares FULLY_CONNECTED (weights and bias / gain^2)."""
         inv = 1.0 / (gain * gain)
         return x * torch.rsqrt(F.linear(x * x, self.ones * inv, self.eps2 * inv))
 

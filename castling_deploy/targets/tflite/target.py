@@ -70,8 +70,9 @@ def build(sess: ExportSession, work: Path) -> TargetOutcome:
         calib = sess.require_calib()
         outcome.quantization = {
             "recipe": {"mode": mode, "io_dtypes": census.get("io_dtypes"),
-                       "tool": f"{outcome.info[mode].get('quantizer', 'LiteRT quantizer')} static_wi8_ai8 (symmetric BATCH_MATMUL "
-                               "activations), global min/max narrowed to MSE-optimal clips" if full_integer
+                       "tool": f"{outcome.info[mode].get('quantizer', 'LiteRT quantizer')} static_wi8_ai8 "
+                               "(symmetric BATCH_MATMUL activations), global min/max narrowed to MSE-optimal clips"
+                               if full_integer
                        else "litert-torch PT2EQuantizer (per-channel weights, static activations)",
                        "notes": outcome.info[mode].get("notes"),
                        "activation_ranges": outcome.info[mode].get("activation_ranges")},
