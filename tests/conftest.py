@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -78,6 +79,20 @@ def _entries(folder: Path) -> list[Path]:
         return list(folder.iterdir())
     except OSError:  # vanished while a run cleans up
         return []
+
+
+def image_like(n: int, size: int, seed: int) -> np.ndarray:
+    """Seeded picture-like inputs: N(0,1) on a 28x28 grid, bicubic to size x size, unit std (float32 NCHW)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.randn(n, 3, 28, 28, generator=g), size=(size, size), mode="bicubic", align_corners=False)
+    return (x / x.std()).numpy().astype(np.float32)
+
+
+def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
+    ref, out = ref.astype(np.float64), out.astype(np.float64)
+    return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - out) ** 2)))
 
 
 def invoke(runner: CliRunner, *args: str):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_litert")
@@ -23,16 +22,7 @@ from castling_deploy.targets.tflite.full_integer import (  # noqa: E402
 )
 from castling_deploy.targets.tflite.trace import first_loss, trace_tensors  # noqa: E402
 
-
-def image_like(n: int, size: int, seed: int) -> np.ndarray:
-    g = torch.Generator().manual_seed(seed)
-    x = F.interpolate(torch.randn(n, 3, 28, 28, generator=g), size=(size, size), mode="bicubic", align_corners=False)
-    return (x / x.std()).numpy().astype(np.float32)
-
-
-def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
-    ref, out = ref.astype(np.float64), out.astype(np.float64)
-    return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - out) ** 2)))
+from .conftest import image_like, sqnr_db  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import collections
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_litert")
@@ -17,11 +16,7 @@ from castling_deploy.targets.tflite.convert import _convert_float  # noqa: E402
 from castling_deploy.targets.tflite.full_integer import quantizable_copy, quantize_static_int8  # noqa: E402
 from castling_deploy.targets.tflite.requant import _covers, fold_requantize  # noqa: E402
 
-
-def _image_like(n: int, size: int, seed: int) -> np.ndarray:
-    g = torch.Generator().manual_seed(seed)
-    x = F.interpolate(torch.randn(n, 3, 28, 28, generator=g), size=(size, size), mode="bicubic", align_corners=False)
-    return (x / x.std()).numpy().astype(np.float32)
+from .conftest import image_like, sqnr_db  # noqa: E402
 
 
 def _run(model: bytes, images: np.ndarray) -> np.ndarray:
@@ -46,17 +41,13 @@ def _ops(model: bytes) -> collections.Counter[str]:
     return collections.Counter(o["op_name"] for o in Interpreter(model_content=model)._get_ops_details())
 
 
-def _sqnr(ref: np.ndarray, out: np.ndarray) -> float:
-    return float(10 * np.log10((ref**2).sum() / ((ref - out) ** 2).sum()))
-
-
 @pytest.fixture(scope="module")
 def nano_int8(tmp_path_factory) -> tuple[bytes, bytes]:
     torch.manual_seed(0)
     model = create_model("castling_nano", form="deploy").eval()
     rewritten, _ = quantizable_copy(model)
     fp32 = _convert_float(rewritten, 32)
-    quantized, _, _ = quantize_static_int8(fp32, _image_like(16, 32, 1))
+    quantized, _, _ = quantize_static_int8(fp32, image_like(16, 32, 1))
     return fp32, quantized
 
 
@@ -68,7 +59,7 @@ def test_fold_requantize_drops_the_requants_and_keeps_the_function(nano_int8, tm
     assert counts["rewired"] >= 1 and counts["adopted"] >= 2  # both rewrites happen on the attention
     assert after["QUANTIZE"] == counts["quantize_after"] == before["QUANTIZE"] - counts["rewired"] - counts["adopted"]
     assert sum(after.values()) == sum(before.values()) - (before["QUANTIZE"] - after["QUANTIZE"])
-    held = _image_like(64, 32, 2)
+    held = image_like(64, 32, 2)
     from castling_deploy.runtime.litert import LiteRTRunner
 
     (tmp_path / "fp32.tflite").write_bytes(fp32)
@@ -77,7 +68,7 @@ def test_fold_requantize_drops_the_requants_and_keeps_the_function(nano_int8, tm
     # the same function up to int8 rounding: the folded model stays next to the recipe's. The nano's distance
     # to float is noisy (its logits are a coarse int8 grid: 20.2 vs 19.5 dB on the first 32 of these inputs,
     # 19.5 vs 19.6 on all 64); on castling_deit_tiny@224 the fold gained 0.2 dB (benchmarks/results/litert.md)
-    assert _sqnr(ref, b) >= _sqnr(ref, a) - 0.5 and _sqnr(a, b) > 21  # measured 23.4: closer than either to float
+    assert sqnr_db(ref, b) >= sqnr_db(ref, a) - 0.5 and sqnr_db(a, b) > 21  # measured 23.4: closer than either to float
     (tmp_path / "folded.tflite").write_bytes(folded)
     (tmp_path / "quantized.tflite").write_bytes(quantized)
     split_a, split_b = delegation_split(tmp_path / "quantized.tflite"), delegation_split(tmp_path / "folded.tflite")
