@@ -1,7 +1,8 @@
 """LiteRT modes vs ONNX Runtime FP32: latency, size, conversion time and logit fidelity of castling_deit_tiny.
 
 Converts one random-weight deploy-form model with ``castling_deploy.targets.tflite.convert_tflite`` in the
-modes fp32, int8 (hybrid PT2E) and full_integer (float32 I/O), exports the same model to ONNX as the ORT FP32
+modes fp32, int8 (hybrid PT2E), full_integer (float32 I/O; class-token path 16x8, the default) and
+full_integer --strict-int8 (every activation int8), exports the same model to ONNX as the ORT FP32
 baseline, and times every artifact with its runner (LiteRTRunner / OrtRunner) at each thread count, batch 1,
 in interleaved rounds so a shared machine's noise hits every variant alike.
 
@@ -34,7 +35,9 @@ from castling_deploy.targets.onnx.target import cpu_isa  # noqa: E402
 
 log = logging.getLogger("bench_litert")
 
-MODES = ("fp32", "int8", "full_integer")
+MODES = ("fp32", "int8", "full_integer", "full_integer_strict")
+# row -> (convert_tflite mode, extra arguments)
+CONVERT = {"full_integer_strict": ("full_integer", {"class_token_int16": False})}
 PEER = "peer_full_integer"  # LiteRT's quantizer defaults (static_wi8_ai8, its own calibration) on model.tflite
 BASELINE = "ort_fp32"
 
@@ -167,16 +170,18 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(tmp) / f"{mode}.tflite"
             log.info("converting %s ...", mode)
             with quiet_native_output(enabled=False):
+                real_mode, extra = CONVERT.get(mode, (mode, {}))
                 info = convert_tflite(
-                    model, path, mode=mode, calib_images=None if mode == "fp32" else calib, img_size=s,
-                    io_dtype="float32",
+                    model, path, mode=real_mode, calib_images=None if mode == "fp32" else calib, img_size=s,
+                    io_dtype="float32", **extra,
                 )
             info.pop("float_twin", None)
             census = info["census"]
             paths[mode] = path
             artifacts[mode] = {
                 "label": f"LiteRT {mode}" + (" (hybrid PT2E)" if mode == "int8" else "")
-                + (" (float I/O)" if mode == "full_integer" else ""),
+                + {"full_integer": " (float I/O, class token 16x8)",
+                   "full_integer_strict": " --strict-int8 (float I/O)"}.get(mode, ""),
                 "runtime": "litert",
                 "conversion_seconds": info["conversion_seconds"],
                 "file_bytes": info["file_bytes"],

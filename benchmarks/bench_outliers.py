@@ -10,7 +10,8 @@ INT8 paths (each converts the same float model the pipeline would hand it):
   tensorrt   TensorRT recipe QDQ (8-bit weights), ONNX Runtime with graph optimizations off = exact QDQ semantics
   onnx       ORT recipe QDQ (8-bit weights since --weight-bits; results/outliers.md was measured with the former
              7-bit default), on the graph as exported, ONNX Runtime's own int8 CPU kernels
-  tflite     LiteRT hybrid int8 (litert-torch PT2E)            tflite_fi  LiteRT full-integer (ai-edge-quantizer)
+  tflite     LiteRT hybrid int8 (litert-torch PT2E)            tflite_fi  LiteRT full-integer (ai-edge-quantizer),
+             class-token path 16x8 (the default)                 tflite_fi_strict  the same with --strict-int8
   coreml     Core ML W8A8 (coremltools), run by the MIL reference interpreter (slow: few eval inputs)
 
     .venv/bin/python benchmarks/bench_outliers.py                    # M = 1 10 30 100, all paths (~1 h, 2 cores)
@@ -43,9 +44,10 @@ from castling_deploy.targets.onnx.convert import export_onnx
 RESULTS = Path(__file__).parent / "results"
 log = logging.getLogger("bench_outliers")
 CORE_ML_CALIB = 16  # its W8A8 ranges come from our MIL interpreter, ~100x slower than ORT per image
-TARGETS = ("tensorrt", "onnx", "tflite", "tflite_fi", "coreml")
+TARGETS = ("tensorrt", "onnx", "tflite", "tflite_fi", "tflite_fi_strict", "coreml")
 LABEL = {"tensorrt": "TensorRT QDQ (exact QDQ, ORT opt. off)", "onnx": "ORT QDQ (ORT int8 kernels)",
-         "tflite": "LiteRT int8 (PT2E hybrid)", "tflite_fi": "LiteRT full-integer", "coreml": "Core ML W8A8 (MIL interp.)"}
+         "tflite": "LiteRT int8 (PT2E hybrid)", "tflite_fi": "LiteRT full-integer (class token 16x8)",
+         "tflite_fi_strict": "LiteRT full-integer --strict-int8", "coreml": "Core ML W8A8 (MIL interp.)"}
 
 
 def ort_logits(path: Path, x: np.ndarray, exact: bool) -> np.ndarray:
@@ -69,13 +71,13 @@ def int8_logits(target: str, model: torch.nn.Module, calib: np.ndarray, x: np.nd
         cs = CalibrationSet(calib, f"bench-outliers-{len(calib)}", f"N(0,1) x{len(calib)}")
         quantize_onnx(fp32, out, cs, QuantRecipe.for_target(target), cache_dir=cache or work / "cache")
         return ort_logits(out, x, exact=target == "tensorrt")
-    if target in ("tflite", "tflite_fi"):
+    if target in ("tflite", "tflite_fi", "tflite_fi_strict"):
         from castling_deploy.runtime.litert import LiteRTRunner
         from castling_deploy.targets.tflite.convert import convert_tflite
 
         p = work / f"{target}.tflite"
         convert_tflite(model, p, mode="int8" if target == "tflite" else "full_integer", calib_images=calib,
-                       img_size=224)
+                       img_size=224, class_token_int16=target == "tflite_fi")
         return run_batched(LiteRTRunner(p), x)
     if target == "coreml":
         from castling_deploy.runtime.coreml import load_coreml_runner

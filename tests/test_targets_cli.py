@@ -99,6 +99,11 @@ def test_tiny_full_integer_rechecked_independently(tiny_tflite_full_integer) -> 
     measured = recheck_folder(folder, report)
     assert report["status"] == "passed" and set(measured) == listed
     assert report["quantization"]["error_trace"]["tensors"]  # the per-tensor trace ran
+    recipe = report["quantization"]["recipe"]
+    assert "class-token path 16x8" in recipe["tool"]  # the default; --strict-int8 drops it
+    # one block: the class token's residual ADD after the MLP (the one after attention adds a constant, the class
+    # token plus its position embedding, which the converter folds into proj's bias)
+    assert recipe["activation_ranges"]["int16_ops"]["ADD"] == 1
 
 
 @pytest.mark.parametrize("fixture", ["tiny_tflite_full_integer",
@@ -285,6 +290,7 @@ def test_missing_optional_runtime_exits_4(runner, tmp_path: Path, monkeypatch, t
 def test_bad_flag_combinations_exit_2(runner, tmp_path: Path) -> None:
     for args, needle in [(["--target", "onnx", "--full-integer"], "--full-integer applies only to --target tflite"),
                          (["--target", "tflite", "--io-dtype", "int8", "--int8"], "--io-dtype applies only with --full-integer"),
+                         (["--target", "tflite", "--strict-int8", "--int8"], "--strict-int8 applies only with --full-integer"),
                          (["--target", "onnx", "--weights-only", "--int8"], "--weights-only applies only to --target coreml"),
                          (["--target", "onnx", "--weight-bits", "7"], "--weight-bits needs --int8"),
                          (["--target", "tensorrt", "--int8", "--weight-bits", "8"],

@@ -180,7 +180,7 @@ def rsqrt_norm_copy(model: nn.Module) -> nn.Module:
 
 
 def _convert_full_integer(model: nn.Module, calib: np.ndarray, img_size: int, io_dtype: str,
-                          info: dict[str, Any]) -> tuple[bytes, float]:
+                          info: dict[str, Any], class_token_int16: bool = True) -> tuple[bytes, float]:
     from . import full_integer as fi
     from .requant import fold_requantize
 
@@ -189,7 +189,7 @@ def _convert_full_integer(model: nn.Module, calib: np.ndarray, img_size: int, io
     if diff > NORM_REWRITE_ATOL:
         raise RuntimeError(f"full-integer graph rewrite changed logits by {diff:.3g} (> {NORM_REWRITE_ATOL}); not exporting")
     fp32 = _convert_float(rewritten, img_size)
-    quantized, tool, ranges = fi.quantize_static_int8(fp32, calib)
+    quantized, tool, ranges = fi.quantize_static_int8(fp32, calib, class_token_int16)
     quantized, requant = fold_requantize(quantized)
     info["float_twin"] = fp32  # bytes, for the per-tensor error trace; callers pop it before writing JSON
     info["quantizer"] = f"{tool} {_version(tool)}"
@@ -198,6 +198,9 @@ def _convert_full_integer(model: nn.Module, calib: np.ndarray, img_size: int, io
                          f"calibration, then MSE-optimal clips ({ranges['clipped']} of {ranges['tensors']} "
                          f"activation ranges narrowed); {requant['quantize_before'] - requant['quantize_after']} "
                          "int8->int8 QUANTIZE ops folded into their neighbours (requant.py); " + "; ".join(notes))
+    n16 = sum(ranges["int16_ops"].values())
+    info["notes"].append(f"class-token path 16x8: {n16} single-token ops with int16 activations and int8 weights "
+                         "(builtin kernels)" if n16 else "every activation int8 (--strict-int8 or no class-token path)")
     if io_dtype == "float32":
         quantized = _float_io(quantized)
     return quantized, diff
@@ -367,19 +370,22 @@ def convert_tflite(
     img_size: int,
     io_dtype: str = "float32",
     metadata: dict[str, str] | None = None,
+    class_token_int16: bool = True,
 ) -> dict[str, Any]:
     """Convert a deploy-form CastlingViT (NCHW float32, batch 1) to ``out_path`` and describe what was built.
 
     ``io_dtype`` matters for ``full_integer`` only: "float32" keeps float I/O (QUANTIZE/DEQUANTIZE at the
     edges, the app feeds normalized floats); "int8" makes the graph input/output int8 (the app quantizes the
     normalized image and dequantizes the logits with the scale/zero point in the tensor details).
+    ``class_token_int16`` matters for ``full_integer`` only: the class-token path runs 16x8 (int16 activations,
+    int8 weights); False keeps every activation int8 (``--strict-int8``, for delegates without int16 kernels).
     """
     entries = _check_args(mode, io_dtype, metadata)
     _import_litert_torch()
     out_path = Path(out_path)
     info: dict[str, Any] = {"mode": mode, "io_dtype": io_dtype, "notes": []}
     start = time.perf_counter()
-    data = _convert(model.eval(), mode, calib_images, img_size, io_dtype, info)
+    data = _convert(model.eval(), mode, calib_images, img_size, io_dtype, info, class_token_int16)
     data = _embed_metadata(data, entries)
     info["conversion_seconds"] = round(time.perf_counter() - start, 3)
     _write_atomic(data, out_path)
@@ -417,7 +423,7 @@ def _check_args(mode: str, io_dtype: str, metadata: dict[str, str] | None) -> di
 
 
 def _convert(model: nn.Module, mode: str, calib_images: np.ndarray | None, img_size: int, io_dtype: str,
-             info: dict[str, Any]) -> bytes:
+             info: dict[str, Any], class_token_int16: bool = True) -> bytes:
     """The flatbuffer for one mode; what was done goes into ``info``."""
     if mode != "full_integer":  # full-integer has its own spelling (quantizable_copy), token conv included
         from ...models.token_conv import token_conv_copy
@@ -439,7 +445,7 @@ def _convert(model: nn.Module, mode: str, calib_images: np.ndarray | None, img_s
         )
     else:
         calib = _check_calib(calib_images, img_size, mode)
-        data, diff = _convert_full_integer(model, calib, img_size, io_dtype, info)
+        data, diff = _convert_full_integer(model, calib, img_size, io_dtype, info, class_token_int16)
         info["calib_images"] = len(calib)
         info["norm_rewrite_max_abs_diff"] = diff
     return data

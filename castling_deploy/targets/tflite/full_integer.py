@@ -12,7 +12,18 @@ concatenated for attention (which sees the whole sequence, as before), and its o
 stream. The MLP is per token, so it runs on each stream on its own (same weights, no concatenation): the class
 token's fc1 / GELU / fc2 outputs get their own int8 scales instead of the patch tokens' (castling_deit_tiny@224,
 32 held-out image-like inputs: 21.93 -> 22.26 dB logit SQNR vs the fp32 .tflite; no latency change measured).
-All ops stay plain int8 CONCATENATION / SLICE / ADD (XNNPACK-friendly); no int16 anywhere.
+All ops stay plain int8 CONCATENATION / SLICE / ADD (XNNPACK-friendly).
+
+The class-token path in 16x8 (issue 16, default; ``--strict-int8`` turns it off): with the streams split, the
+per-tensor trace showed the class stream losing ~0.5 dB per block while the patch stream's int8 requantizations
+hardly mattered (int16 residual ADDs for the patch stream: +0.1 dB; for the class stream: +1.4 dB). Every op
+whose output is one token (``[1, 1, C]``: the class stream's ADDs, its LayerNorms, proj, fc1 / GELU / fc2, the
+head) gets int16 activations with int8 weights, LiteRT's 16x8 scheme; the quantizer puts int8 <-> int16
+QUANTIZE ops at the borders. castling_deit_tiny@224, 32 / 128 held-out image-like inputs vs the fp32 .tflite:
+23.49 / 23.36 dB -> 26.79 / 26.58 dB, top-1 agreement 0.781 / 0.844 -> 0.844 / 0.930, for +6 % latency on
+XNNPACK (1 thread: 12.11 -> 12.89 ms, LiteRT fp32 20.80 ms): the int16 ops run on builtin kernels (XNNPACK has
+no int16), but they are 1 token of 197. No float tensor anywhere either way. Delegates without 16-bit kernels
+(Edge TPU, Ethos-U) take ``--strict-int8``.
 
 XNNPACK (issue 14): litert-torch's lowering of LayerNorm (SQUARED_DIFFERENCE, an ADD / SUB of a ~1e-9-scale
 constant), the L2 norm's ``clamp_min`` (MAXIMUM) and asymmetric int8 BATCH_MATMULs are ops the XNNPACK delegate
@@ -28,6 +39,7 @@ import copy
 import importlib
 import math
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -198,13 +210,43 @@ def import_quantizer_modules() -> tuple[Any, Any, Any, Any, str]:
         return quantizer, calibrator, recipe, qsv_utils, "ai-edge-quantizer"
 
 
-def quantize_static_int8(fp32: bytes, calib: np.ndarray) -> tuple[bytes, str, dict[str, Any]]:
+# op types of the class-token path that run 16x8 (SLICE / RESHAPE excluded: their int16 twin would make the
+# quantizer requantize the whole sequence tensor they slice the class row from)
+INT16_OPS = ("ADD", "SUB", "MUL", "MEAN", "RSQRT", "FULLY_CONNECTED", "GELU")
+
+
+def class_token_ops(fp32: bytes) -> dict[str, list[str]]:
+    """Op type -> output tensor names of the ops whose output is a single token (every axis but the last 1).
+
+    In a split-stream graph (batch 1) those are the class token's path: its residual ADDs, LayerNorms, proj,
+    MLP and the head. The patch stream and the attention over the whole sequence are never single-token."""
+    from .trace import keeping_interpreter
+
+    interp = keeping_interpreter(fp32)
+    details = interp.get_tensor_details()
+    out: dict[str, list[str]] = {}
+    for op in interp._get_ops_details():
+        outputs = [i for i in op["outputs"] if i >= 0]
+        if op["op_name"] not in INT16_OPS or len(outputs) != 1:
+            continue
+        shape = [int(d) for d in details[outputs[0]]["shape"]]
+        if len(shape) >= 2 and all(d == 1 for d in shape[:-1]):
+            out.setdefault(op["op_name"], []).append(details[outputs[0]]["name"])
+    return out
+
+
+def quantize_static_int8(fp32: bytes, calib: np.ndarray,
+                         class_token_int16: bool = True) -> tuple[bytes, str, dict[str, Any]]:
     """``xnnpack_recipe`` (static_wi8_ai8): global min/max over the whole set (the default moving average clips),
-    then each activation's range narrowed to its MSE-optimal clip (``mse_clip_ranges``). Returns the model, the
-    quantizer's name and the range summary for the report."""
+    then each int8 activation's range narrowed to its MSE-optimal clip (``mse_clip_ranges``); with
+    ``class_token_int16`` the class-token path runs 16x8 (``class_token_ops``). Returns the model, the
+    quantizer's name and the range summary for the report (``int16_ops``: how many ops run 16x8)."""
     quantizer, _, _, _, tool = import_quantizer_modules()
-    qt = quantizer.Quantizer(bytearray(fp32), xnnpack_recipe())
-    qsvs, ranges = mse_clip_ranges(fp32, min_max_qsvs(fp32, calib, qt), calib)
+    int16 = class_token_ops(fp32) if class_token_int16 else {}
+    qt = quantizer.Quantizer(bytearray(fp32), xnnpack_recipe(int16))
+    keep = {name for names in int16.values() for name in names}
+    qsvs, ranges = mse_clip_ranges(fp32, min_max_qsvs(fp32, calib, qt), calib, keep_full=keep)
+    ranges["int16_ops"] = {op: len(names) for op, names in sorted(int16.items())}
     result = qt.quantize(qsvs, **_quiet_kwargs(qt.quantize))
     return bytes(result.quantized_model), tool, ranges
 
@@ -256,7 +298,8 @@ def _last_argmin(err: np.ndarray) -> int:
     return len(err) - 1 - int(np.argmin(err[::-1]))
 
 
-def mse_clip_ranges(fp32: bytes, qsvs: dict[str, Any], calib: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+def mse_clip_ranges(fp32: bytes, qsvs: dict[str, Any], calib: np.ndarray,
+                    keep_full: set[str] | frozenset[str] = frozenset()) -> tuple[dict[str, Any], dict[str, Any]]:
     """Narrow each activation's calibrated [min, max] to the clip that minimises its int8 error on the calib set.
 
     Global min/max spends the int8 grid on the few extreme values of the set: castling_deit_tiny@224 (image-like
@@ -266,7 +309,8 @@ def mse_clip_ranges(fp32: bytes, qsvs: dict[str, Any], calib: np.ndarray) -> tup
     each end of the range) with the smallest expected squared error is kept. RSQRT inputs (the
     LayerNorm variances and L2 sums of squares) keep their full range: clipping them mis-normalises exactly the
     largest tokens (measured: 22.76 dB when they are clipped too). BATCH_MATMUL tensors are scored on the
-    symmetric grid the recipe gives them.
+    symmetric grid the recipe gives them. Tensors named in ``keep_full`` (int16 ones: their grid is fine enough)
+    keep their range too.
     """
     from .trace import feed, keeping_interpreter
 
@@ -274,7 +318,8 @@ def mse_clip_ranges(fp32: bytes, qsvs: dict[str, Any], calib: np.ndarray) -> tup
     details = {d["name"]: d for d in interp.get_tensor_details()}
     by_index = {d["index"]: d["name"] for d in details.values()}
     ops = interp._get_ops_details()
-    keep_full = {by_index[i] for o in ops if o["op_name"] == "RSQRT" for i in o["inputs"] if i in by_index}
+    keep_full = set(keep_full) | {by_index[i] for o in ops if o["op_name"] == "RSQRT" for i in o["inputs"]
+                                  if i in by_index}
     symmetric = {by_index[i] for o in ops if o["op_name"] == "BATCH_MATMUL"
                  for i in list(o["inputs"]) + list(o["outputs"]) if i in by_index}
     spans: dict[str, tuple[float, float]] = {}
@@ -311,10 +356,12 @@ def mse_clip_ranges(fp32: bytes, qsvs: dict[str, Any], calib: np.ndarray) -> tup
     return out, summary
 
 
-def xnnpack_recipe() -> list[dict[str, Any]]:
+def xnnpack_recipe(int16: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
     """static_wi8_ai8, with BATCH_MATMUL activations symmetric: XNNPACK takes an int8 BATCH_MATMUL of two
     activations only when the right-hand input's zero point is 0 (measured: of 24 asymmetric ones it took the
-    3 whose calibrated zero point happened to be 0)."""
+    3 whose calibrated zero point happened to be 0). ``int16``: op type -> output tensor names of ops that get
+    int16 activations (symmetric, LiteRT's 16x8), one scope regex per op type (the quantizer matches every
+    scope against every op: one alternation is ~100x faster than a regex per op)."""
     quantizer, _, recipe, _, _ = import_quantizer_modules()
     pkg = quantizer.__name__.rsplit(".", 1)[0]
     qtyping = importlib.import_module(f"{pkg}.qtyping")
@@ -329,6 +376,16 @@ def xnnpack_recipe() -> list[dict[str, Any]]:
                 num_bits=8, symmetric=True, granularity=qtyping.QuantGranularity.CHANNELWISE),
             compute_precision=qtyping.ComputePrecision.INTEGER, explicit_dequantize=False),
     )
+    for op, names in sorted((int16 or {}).items()):
+        rm.add_quantization_config(
+            "^(" + "|".join(re.escape(n) for n in names) + ");$",  # an op's scope: its output names, then ';'
+            getattr(qtyping.TFLOperationName, op),
+            op_config=qtyping.OpQuantizationConfig(
+                activation_tensor_config=qtyping.TensorQuantizationConfig(num_bits=16, symmetric=True),
+                weight_tensor_config=qtyping.TensorQuantizationConfig(
+                    num_bits=8, symmetric=True, granularity=qtyping.QuantGranularity.CHANNELWISE),
+                compute_precision=qtyping.ComputePrecision.INTEGER, explicit_dequantize=False),
+        )
     return rm.get_quantization_recipe()
 
 

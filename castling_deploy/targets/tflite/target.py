@@ -42,7 +42,8 @@ def build(sess: ExportSession, work: Path) -> TargetOutcome:
         log.info("converting to LiteRT %s", mode)
         path = work / name
         outcome.info[mode] = convert_tflite(sess.folded, path, mode=mode, calib_images=calib, img_size=sess.img_size,
-                                            io_dtype=io_dtype, metadata=metadata or sess.metadata)
+                                            io_dtype=io_dtype, metadata=metadata or sess.metadata,
+                                            class_token_int16=not opts.option("strict_int8"))
         outcome.info.setdefault("delegation", {})[name] = delegation_census(path, runs=DELEGATION_RUNS)
         return path
 
@@ -72,6 +73,7 @@ def build(sess: ExportSession, work: Path) -> TargetOutcome:
             "recipe": {"mode": mode, "io_dtypes": census.get("io_dtypes"),
                        "tool": f"{outcome.info[mode].get('quantizer', 'LiteRT quantizer')} static_wi8_ai8 "
                                "(symmetric BATCH_MATMUL activations), global min/max narrowed to MSE-optimal clips"
+                               + ("" if opts.option("strict_int8") else "; class-token path 16x8")
                                if full_integer
                        else "litert-torch PT2EQuantizer (per-channel weights, static activations)",
                        "notes": outcome.info[mode].get("notes"),
