@@ -178,6 +178,16 @@ MUTANTS = [
            [("castling_deploy/models/token_conv.py", "w.repeat_interleave(attn.head_dim, dim=0)",
              "w.repeat(attn.head_dim, 1, 1, 1)")],
            ["tests/test_tflite_xnn_spelling.py"]),
+    Mutant("int16-beyond-class-token", "full-integer 16x8 picks every op of the allowed types, the sequence-wide "
+           "ones too (off XNNPACK, and no longer the class-token path)",
+           [("castling_deploy/targets/tflite/full_integer.py",
+             "if len(shape) >= 2 and all(d == 1 for d in shape[:-1]):", "if len(shape) >= 2:")],
+           ["tests/test_tflite_full_integer.py::test_class_token_path_16x8_on_nano"]),
+    Mutant("int16-recipe-dropped", "the 16x8 ops are chosen and reported but the recipe does not ask for int16",
+           [("castling_deploy/targets/tflite/full_integer.py",
+             "qt = quantizer.Quantizer(bytearray(fp32), xnnpack_recipe(int16))",
+             "qt = quantizer.Quantizer(bytearray(fp32), xnnpack_recipe())")],
+           ["tests/test_tflite_full_integer.py::test_class_token_path_16x8_on_nano"]),
 ]
 
 
