@@ -103,8 +103,11 @@ def test_target_options_are_checked_generically() -> None:
         check_target_options(["tensorrt"], {"weight_bits": 8}, int8=True)
     with pytest.raises(UsageError, match="--weight-bits needs --int8"):
         check_target_options(["onnx"], {"weight_bits": 7}, int8=False)
+    with pytest.raises(UsageError, match="--strict-int8 applies only with --full-integer"):
+        check_target_options(["tflite"], {"strict_int8": True}, int8=True)
+    check_target_options(["tflite"], {"full_integer": True, "strict_int8": True}, int8=True)  # valid
     every = {o.name for s in TARGETS.values() for o in s.options}
-    assert every == {"full_integer", "io_dtype", "weights_only", "quantizer", "weight_bits"}
+    assert every == {"full_integer", "io_dtype", "strict_int8", "weights_only", "quantizer", "weight_bits"}
 
 
 def test_api_rejects_a_weight_bits_other_than_7_or_8() -> None:
