@@ -318,6 +318,7 @@ def mse_clip_ranges(fp32: bytes, qsvs: dict[str, Any], calib: np.ndarray,
     details = {d["name"]: d for d in interp.get_tensor_details()}
     by_index = {d["index"]: d["name"] for d in details.values()}
     ops = interp._get_ops_details()
+    int16_kept = bool(keep_full)
     keep_full = set(keep_full) | {by_index[i] for o in ops if o["op_name"] == "RSQRT" for i in o["inputs"]
                                   if i in by_index}
     symmetric = {by_index[i] for o in ops if o["op_name"] == "BATCH_MATMUL"
@@ -350,7 +351,8 @@ def mse_clip_ranges(fp32: bytes, qsvs: dict[str, Any], calib: np.ndarray,
             out[name] = dict(qsvs[name], min=np.asarray(qsvs[name]["min"]) * t_lo,
                              max=np.asarray(qsvs[name]["max"]) * t_hi)
     summary = {"method": "MSE-optimal clip of each end of the global min/max range per activation (histogram, "
-                         f"{HIST_BINS} bins, 25-100 % of each end kept); RSQRT inputs keep the full range",
+                         f"{HIST_BINS} bins, 25-100 % of each end kept); RSQRT inputs"
+                         + (" and the int16 (16x8) tensors" if int16_kept else "") + " keep the full range",
                "tensors": len(kept), "clipped": clipped,
                "median_kept_fraction": round(float(np.median(kept)), 3) if kept else 1.0}
     return out, summary
