@@ -20,7 +20,7 @@ from castling_deploy.targets.tflite.full_integer import (  # noqa: E402
     mse_clip_ranges,
     quantizable_copy,
 )
-from castling_deploy.targets.tflite.trace import first_loss, trace_tensors  # noqa: E402
+from castling_deploy.targets.tflite.trace import first_loss, keeping_interpreter, trace_tensors  # noqa: E402
 
 from .conftest import image_like, sqnr_db  # noqa: E402
 
@@ -60,7 +60,7 @@ def test_mse_ranges_narrow_activations_but_not_rsqrt_inputs(nano) -> None:
     fp32 = _convert_float(rewritten, 32)
     calib = image_like(8, 32, 1)
     qsvs = min_max_qsvs(fp32, calib)
-    out, summary = mse_clip_ranges(fp32, qsvs, calib)
+    out, summary = mse_clip_ranges(keeping_interpreter(fp32), qsvs, calib)
     interp = Interpreter(model_content=fp32)
     names = {d["index"]: d["name"] for d in interp.get_tensor_details()}
     rsqrt_in = {names[i] for o in interp._get_ops_details() if o["op_name"] == "RSQRT" for i in o["inputs"]}

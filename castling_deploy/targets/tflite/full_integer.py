@@ -215,14 +215,12 @@ def import_quantizer_modules() -> tuple[Any, Any, Any, Any, str]:
 INT16_OPS = ("ADD", "SUB", "MUL", "MEAN", "RSQRT", "FULLY_CONNECTED", "GELU")
 
 
-def class_token_ops(fp32: bytes) -> dict[str, list[str]]:
-    """Op type -> output tensor names of the ops whose output is a single token (every axis but the last 1).
+def class_token_ops(interp: Any) -> dict[str, list[str]]:
+    """Op type -> output tensor names of the ops whose output is a single token (every axis but the last 1), read
+    from a LiteRT interpreter of the float graph.
 
     In a split-stream graph (batch 1) those are the class token's path: its residual ADDs, LayerNorms, proj,
     MLP and the head. The patch stream and the attention over the whole sequence are never single-token."""
-    from .trace import keeping_interpreter
-
-    interp = keeping_interpreter(fp32)
     details = interp.get_tensor_details()
     out: dict[str, list[str]] = {}
     for op in interp._get_ops_details():
@@ -241,11 +239,14 @@ def quantize_static_int8(fp32: bytes, calib: np.ndarray,
     then each int8 activation's range narrowed to its MSE-optimal clip (``mse_clip_ranges``); with
     ``class_token_int16`` the class-token path runs 16x8 (``class_token_ops``). Returns the model, the
     quantizer's name and the range summary for the report (``int16_ops``: how many ops run 16x8)."""
+    from .trace import keeping_interpreter
+
     quantizer, _, _, _, tool = import_quantizer_modules()
-    int16 = class_token_ops(fp32) if class_token_int16 else {}
+    interp = keeping_interpreter(fp32, threads=max(1, os.cpu_count() or 1))  # one float graph for both passes
+    int16 = class_token_ops(interp) if class_token_int16 else {}
     qt = quantizer.Quantizer(bytearray(fp32), xnnpack_recipe(int16))
     keep = {name for names in int16.values() for name in names}
-    qsvs, ranges = mse_clip_ranges(fp32, min_max_qsvs(fp32, calib, qt), calib, keep_full=keep)
+    qsvs, ranges = mse_clip_ranges(interp, min_max_qsvs(fp32, calib, qt), calib, keep_full=keep)
     ranges["int16_ops"] = {op: len(names) for op, names in sorted(int16.items())}
     result = qt.quantize(qsvs, **_quiet_kwargs(qt.quantize))
     return bytes(result.quantized_model), tool, ranges
@@ -298,7 +299,7 @@ def _last_argmin(err: np.ndarray) -> int:
     return len(err) - 1 - int(np.argmin(err[::-1]))
 
 
-def mse_clip_ranges(fp32: bytes, qsvs: dict[str, Any], calib: np.ndarray,
+def mse_clip_ranges(interp: Any, qsvs: dict[str, Any], calib: np.ndarray,
                     keep_full: set[str] | frozenset[str] = frozenset()) -> tuple[dict[str, Any], dict[str, Any]]:
     """Narrow each activation's calibrated [min, max] to the clip that minimises its int8 error on the calib set.
 
@@ -310,11 +311,10 @@ def mse_clip_ranges(fp32: bytes, qsvs: dict[str, Any], calib: np.ndarray,
     LayerNorm variances and L2 sums of squares) keep their full range: clipping them mis-normalises exactly the
     largest tokens (measured: 22.76 dB when they are clipped too). BATCH_MATMUL tensors are scored on the
     symmetric grid the recipe gives them. Tensors named in ``keep_full`` (int16 ones: their grid is fine enough)
-    keep their range too.
+    keep their range too. ``interp``: ``trace.keeping_interpreter`` of the float graph the ranges belong to.
     """
-    from .trace import feed, keeping_interpreter
+    from .trace import feed
 
-    interp = keeping_interpreter(fp32, threads=max(1, os.cpu_count() or 1))
     details = {d["name"]: d for d in interp.get_tensor_details()}
     by_index = {d["index"]: d["name"] for d in details.values()}
     ops = interp._get_ops_details()
@@ -370,24 +370,19 @@ def xnnpack_recipe(int16: dict[str, list[str]] | None = None) -> list[dict[str, 
     recipe_manager = importlib.import_module(f"{pkg}.recipe_manager")
     rm = recipe_manager.RecipeManager()
     rm.load_quantization_recipe(recipe.static_wi8_ai8())
-    rm.add_quantization_config(
-        ".*", qtyping.TFLOperationName.BATCH_MATMUL,
-        op_config=qtyping.OpQuantizationConfig(
-            activation_tensor_config=qtyping.TensorQuantizationConfig(num_bits=8, symmetric=True),
+
+    def symmetric(activation_bits: int) -> Any:  # symmetric activations, int8 per-channel weights
+        return qtyping.OpQuantizationConfig(
+            activation_tensor_config=qtyping.TensorQuantizationConfig(num_bits=activation_bits, symmetric=True),
             weight_tensor_config=qtyping.TensorQuantizationConfig(
                 num_bits=8, symmetric=True, granularity=qtyping.QuantGranularity.CHANNELWISE),
-            compute_precision=qtyping.ComputePrecision.INTEGER, explicit_dequantize=False),
-    )
+            compute_precision=qtyping.ComputePrecision.INTEGER, explicit_dequantize=False)
+
+    rm.add_quantization_config(".*", qtyping.TFLOperationName.BATCH_MATMUL, op_config=symmetric(8))
     for op, names in sorted((int16 or {}).items()):
         rm.add_quantization_config(
             "^(" + "|".join(re.escape(n) for n in names) + ");$",  # an op's scope: its output names, then ';'
-            getattr(qtyping.TFLOperationName, op),
-            op_config=qtyping.OpQuantizationConfig(
-                activation_tensor_config=qtyping.TensorQuantizationConfig(num_bits=16, symmetric=True),
-                weight_tensor_config=qtyping.TensorQuantizationConfig(
-                    num_bits=8, symmetric=True, granularity=qtyping.QuantGranularity.CHANNELWISE),
-                compute_precision=qtyping.ComputePrecision.INTEGER, explicit_dequantize=False),
-        )
+            getattr(qtyping.TFLOperationName, op), op_config=symmetric(16))
     return rm.get_quantization_recipe()
 
 

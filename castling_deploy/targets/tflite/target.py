@@ -69,11 +69,12 @@ def build(sess: ExportSession, work: Path) -> TargetOutcome:
         p = convert(mode, name, io, meta)
         census = tflite_census(p)
         calib = sess.require_calib()
+        int16_ops = (outcome.info[mode].get("activation_ranges") or {}).get("int16_ops", {})
         outcome.quantization = {
             "recipe": {"mode": mode, "io_dtypes": census.get("io_dtypes"),
                        "tool": f"{outcome.info[mode].get('quantizer', 'LiteRT quantizer')} static_wi8_ai8 "
                                "(symmetric BATCH_MATMUL activations), global min/max narrowed to MSE-optimal clips"
-                               + ("" if opts.option("strict_int8") else "; class-token path 16x8")
+                               + ("; class-token path 16x8" if any(int16_ops.values()) else "")
                                if full_integer
                        else "litert-torch PT2EQuantizer (per-channel weights, static activations)",
                        "notes": outcome.info[mode].get("notes"),
